@@ -1,0 +1,41 @@
+# vitask — `make demo` and `make test` work on a fresh machine by themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install test test-fast demo lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs whenever pyproject.toml changes; a no-op otherwise.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision first: the one pair that installs together here (see README, "Installation").
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)  ## create .venv (if missing) and install vitask with dev tools
+
+test: install  ## run the test suite offline (slow tests included)
+	$(PY) -m pytest -q
+
+test-fast: install  ## the tests not marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install  ## run the offline demo on synthetic data and print its results
+	bash scripts/demo.sh
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check vitask_pl tests
+
+clean:  ## remove runs and synthetic data (keeps .venv)
+	rm -rf runs data

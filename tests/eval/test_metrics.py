@@ -1,0 +1,68 @@
+"""Our torchmetrics-based numbers against medmnist's own Evaluator functions on the same predictions."""
+
+import numpy as np
+import pytest
+import torch
+from medmnist.evaluator import getACC, getAUC
+
+from vitask_pl.data.catalog import dataset_specs
+from vitask_pl.eval.metrics import PerDatasetMetrics, dataset_metrics
+
+
+def random_case(spec, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = spec.num_classes
+    if spec.multi_label:
+        target = (torch.rand(n, c, generator=g) < 0.3).long()
+        target[0], target[1] = 0, 1  # both values present for every label
+        probs = (0.5 * target + 0.7 * torch.rand(n, c, generator=g)).clamp(0, 1)
+        return probs, target, target.numpy()
+    y = torch.arange(n) % c
+    logits = torch.randn(n, c, generator=g) + 1.5 * torch.nn.functional.one_hot(y, c)
+    return logits.softmax(1), torch.nn.functional.one_hot(y, c), y.numpy()[:, None]
+
+
+@pytest.mark.parametrize("flag", ["dermamnist", "pneumoniamnist", "chestmnist", "retinamnist", "breastmnist"])
+def test_acc_and_auc_match_medmnist_evaluator(flag):
+    spec = dataset_specs([flag])[0]
+    probs, target, y_true = random_case(spec, 97, seed=1)
+    ours = dataset_metrics(spec, probs, target)
+    assert ours["acc"] == pytest.approx(getACC(y_true, probs.numpy(), spec.task), abs=1e-6)
+    assert ours["auc"] == pytest.approx(getAUC(y_true, probs.numpy(), spec.task), abs=1e-6)
+    assert 0.0 <= ours["f1"] <= 1.0 and ours["n"] == 97
+
+
+def test_macro_f1_against_a_hand_count():
+    spec = dataset_specs(["octmnist"])[0]
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0, 3, 3])
+    f1 = dataset_metrics(spec, torch.nn.functional.one_hot(pred, 4).float(), torch.nn.functional.one_hot(y, 4))["f1"]
+    # per class: c0 p=1/2 r=1/2 -> .5; c1 p=2/3 r=1 -> .8; c2 p=1 r=1/2 -> 2/3; c3 -> 1
+    assert f1 == pytest.approx((0.5 + 0.8 + 2 / 3 + 1.0) / 4)
+
+
+def test_chest_exact_match():
+    spec = dataset_specs(["chestmnist"])[0]
+    target = torch.zeros(4, 14, dtype=torch.long)
+    target[1, 3] = 1
+    probs = target.float().clone()
+    probs[2, 5] = 0.9  # one wrong finding in one sample
+    assert dataset_metrics(spec, probs, target)["exact_match"] == pytest.approx(0.75)
+
+
+def test_per_dataset_metric_splits_joint_space_and_averages():
+    specs = dataset_specs(["dermamnist", "pneumoniamnist"])
+    metric = PerDatasetMetrics(specs, report_invalid=True)
+    pd, td, _ = random_case(specs[0], 40, 2)
+    pp, tp, _ = random_case(specs[1], 30, 3)
+    probs = torch.zeros(70, 9)
+    targets = torch.zeros(70, 9)
+    probs[:40, :7], targets[:40, :7] = pd, td.float()
+    probs[40:, 7:], targets[40:, 7:] = pp, tp.float()
+    dataset = torch.tensor([0] * 40 + [1] * 30)
+    metric.update(probs[:35], targets[:35], dataset[:35])
+    metric.update(probs[35:], targets[35:], dataset[35:], invalid=torch.arange(35) % 5 == 0)
+    out = metric.compute()
+    assert out["dermamnist"] == pytest.approx(dataset_metrics(specs[0], pd, td) | {"invalid": 1 / 40})
+    assert out["avg"]["acc"] == pytest.approx((out["dermamnist"]["acc"] + out["pneumoniamnist"]["acc"]) / 2)
+    assert out["avg"]["n"] == 70

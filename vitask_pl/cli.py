@@ -1,0 +1,123 @@
+"""The ``vitask`` command: Lightning's fit/validate/test/predict plus the project's own tools.
+
+Trainer subcommands go through :class:`VitaskCLI` (a LightningCLI in subclass mode, so a config names
+``class_path``/``init_args`` for model and data). The other subcommands are plain functions whose signatures
+are their options (jsonargparse reads them), so they take lists the same way: ``--datasets '[a,b]'`` or ``all``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vitask_pl.errors import UserError
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TOOLS = {
+    "data synth": ("vitask_pl.data.synth:synthesize", "write synthetic MedMNIST files in the official format"),
+    "data check": ("vitask_pl.data.check:check", "validate MedMNIST files (keys, dtypes, shapes, labels, MD5)"),
+    "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
+}
+
+HELP = """usage: vitask <command> [options]
+
+Trainer commands (LightningCLI; `vitask fit --help` for all options):
+  fit          train a stage:       vitask fit --config configs/tsm.yaml --config configs/offline/tsm.yaml
+  validate     evaluate on val
+  test         evaluate on test, write metrics.json
+  predict      per-sample predictions
+
+Tools:
+{tools}
+
+Errors that are the input's fault print one line; set VITASK_DEBUG=1 for the traceback.
+"""
+
+
+def _build_cli():
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from vitask_pl.data.catalog import resolve_flags
+    from vitask_pl.data.datamodule import MedMNISTDataModule
+
+    class VitaskCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            # Facts the data knows reach the model here, so no config types them twice.
+            parser.link_arguments("data.init_args.datasets", "model.init_args.datasets", compute_fn=resolve_flags)
+            parser.link_arguments("data.init_args.size", "model.init_args.image_size")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "checkpoint.monitor": "val/avg/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,  # metric keys hold slashes
+                "checkpoint.save_last": True,
+            })  # fmt: skip
+
+    return VitaskCLI(
+        LightningModule,
+        MedMNISTDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs={"default_env": False},
+    )
+
+
+def _underscore_option(arg: str) -> str:
+    """``--per-class=3`` -> ``--per_class=3``; values and positionals untouched."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    import importlib
+    import inspect
+
+    from jsonargparse import CLI
+
+    target, _ = TOOLS[name]
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    # Options are documented with dashes (--per-class); jsonargparse names them after the parameters.
+    argv = [_underscore_option(a) for a in argv]
+    # Boolean options also work as bare flags (`--force`), as users of argparse tools expect.
+    flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
+    argv = [f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+            for i, a in enumerate(argv)]  # fmt: skip
+    CLI(fn, args=argv, prog=f"vitask {name}", as_positional=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tools = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in TOOLS.items())
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(HELP.format(tools=tools))
+            return
+        two = " ".join(argv[:2])
+        if two in TOOLS:
+            _run_tool(two, argv[2:])
+        elif argv[0] in TOOLS:
+            _run_tool(argv[0], argv[1:])
+        elif argv[0] in TRAINER_COMMANDS:
+            sys.argv = ["vitask", *argv]
+            _build_cli()
+        else:
+            groups = sorted({n.split()[0] for n in TOOLS} | set(TRAINER_COMMANDS))
+            print(f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "
+                  f"(`vitask --help` lists them all).", file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+    except UserError as err:
+        if os.environ.get("VITASK_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

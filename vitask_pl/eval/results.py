@@ -1,0 +1,56 @@
+"""Where evaluation results go: ``metrics.json`` in the run's log directory and a table on screen."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+def flatten(results: dict, prefix: str) -> dict[str, float]:
+    """``{dataset: {metric: v}}`` (possibly nested under modes) -> ``{"prefix/dataset/metric": v}``."""
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}/{key}"))
+        elif key != "n":
+            out[f"{prefix}/{key}"] = float(value)
+    return out
+
+
+def log_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write atomically, so an interrupted run never leaves a truncated file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    """A fixed-width text table: one row per dataset, then ``avg``."""
+    columns = [c for c in ("acc", "f1", "auc", "exact_match", "invalid") if any(c in r for r in results.values())]
+    lines = [title] if title else []
+    lines.append(f"{'dataset':<16}" + "".join(f"{c:>12}" for c in columns) + f"{'n':>8}")
+    for name, row in results.items():
+        cells = "".join(f"{row[c]:>12.4f}" if c in row else f"{'':>12}" for c in columns)
+        lines.append(f"{name:<16}{cells}{int(row.get('n', 0)):>8}")
+    return "\n".join(lines)
+
+
+def publish(trainer: L.Trainer, results: dict, filename: str = "metrics.json") -> Path | None:
+    """Write ``metrics.json`` on rank 0 and print each result table."""
+    if not trainer.is_global_zero:
+        return None
+    path = write_json(log_dir(trainer) / filename, results)
+    tables = results.items() if all(isinstance(v, dict) and "avg" in v for v in results.values()) else [("", results)]
+    for title, table in tables:
+        print(format_table(table, title=title))
+    print(f"metrics written to {path}")
+    return path
