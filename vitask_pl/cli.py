@@ -34,7 +34,8 @@ Errors that are the input's fault print one line; set VITASK_DEBUG=1 for the tra
 """
 
 
-def _build_cli():
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """The LightningCLI; ``run=False`` only instantiates (tests, notebooks)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -63,6 +64,8 @@ def _build_cli():
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         parser_kwargs={"default_env": False},
+        args=args,
+        run=run,
     )
 
 
@@ -92,6 +95,17 @@ def _run_tool(name: str, argv: list[str]) -> None:
     CLI(fn, args=argv, prog=f"vitask {name}", as_positional=False)
 
 
+def _user_error(err: BaseException | None) -> UserError | None:
+    """The :class:`UserError` behind ``err``: jsonargparse re-raises errors from class instantiation as its own."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in TOOLS.items())
@@ -105,17 +119,17 @@ def main(argv: list[str] | None = None) -> None:
         elif argv[0] in TOOLS:
             _run_tool(argv[0], argv[1:])
         elif argv[0] in TRAINER_COMMANDS:
-            sys.argv = ["vitask", *argv]
-            _build_cli()
+            build_cli(argv)
         else:
             groups = sorted({n.split()[0] for n in TOOLS} | set(TRAINER_COMMANDS))
             print(f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "
                   f"(`vitask --help` lists them all).", file=sys.stderr)  # fmt: skip
             sys.exit(2)
-    except UserError as err:
-        if os.environ.get("VITASK_DEBUG"):
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None or os.environ.get("VITASK_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,446 @@
+"""Tiny random-weight VLMs of the real transformers classes, built offline in a few seconds.
+
+Each family gets its real model, processor and chat-template conventions (special tokens, image placeholders,
+end-of-turn token), so code written against a tiny model runs unchanged on the real checkpoint; only the sizes
+shrink (hidden 64, two layers) and the tokenizer is a byte-level BPE learned on VITask's own prompt texts.
+
+``resolve_tiny("tiny:llava")`` turns such a spec into a cached local directory, building it on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitask_pl.errors import ConfigError, suggest
+
+FAMILIES = ("internvl", "llava", "qwen2_vl", "idefics3")
+TINY_PREFIX = "tiny:"
+VERSION = "v1"  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
+
+# Patches per image side at any resolution (patch = image_size // GRID): every image size gives the same
+# handful of image tokens (16 for LLaVA, 4 after the 2x2 merge of the others), which keeps 224 px runs fast.
+GRID = 4
+HIDDEN, LAYERS, HEADS, KV_HEADS, MLP = 64, 2, 4, 2, 128
+VOCAB = 2048  # upper bound; the BPE stops earlier once every word of the corpus is one token
+
+# Words the chat templates and generic chat add around the prompts, so they tokenize compactly too.
+CHAT_WORDS = (
+    "system", "user", "assistant", "System", "User", "Assistant", "SYSTEM", "USER", "ASSISTANT",
+    "You are a helpful assistant.",
+    "What is shown in this image? Answer with the diagnosis only.",
+    "Yes, no, the image shows a sample of class 0 1 2 3 4 5 6 7 8 9.",
+)
+
+
+# --------------------------------------------------------------------------------------------- chat templates
+# Written with ``$NAME`` placeholders (filled by _template) so Jinja's own braces stay readable. Content may be a
+# string or a list of {"type": "image"} / {"type": "text"} parts, as in every real family's template. The
+# assistant's text and end-of-turn token sit in {% generation %} so return_assistant_tokens_mask works.
+_PARTS = (
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string "
+    "else message['content'] -%}"
+)
+
+# InternVL and Qwen2-VL: ChatML; the image placeholder is expanded by the processor.
+_CHATML = (
+    "{%- for message in messages -%}"
+    "$SYSTEM"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}" + _PARTS +
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{{- '<|im_end|>' -}}"
+    "{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{- '$IMAGE' -}}"
+    "{%- elif p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+_QWEN_SYSTEM = (  # Qwen2-VL's template adds this system turn when the conversation has none
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}{%- endif -%}"
+)
+
+# LLaVA-1.5: "USER: <image>\n{text} ASSISTANT: {answer}</s>".
+_LLAVA = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}" + _PARTS +
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] + ' ' -}}{%- endfor -%}"
+    "{%- else -%}"
+    "{{- message['role'].upper() + ': ' -}}"
+    "{%- for p in parts if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{{- '</s>' -}}"
+    "{%- endgeneration -%}"
+    "{%- else -%}{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] + ' ' -}}{%- endfor -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+# Idefics3: "User:<image>{text}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n".
+_IDEFICS3 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}" + _PARTS +
+    "{{- message['role'] | capitalize -}}{{- ':' if parts[0]['type'] == 'image' else ': ' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{{- '<end_of_utterance>' -}}"
+    "{%- endgeneration -%}"
+    "{%- else -%}"
+    "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}{{- '<end_of_utterance>' -}}"
+    "{%- endif -%}{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+
+def _template(template: str, **fill: str) -> str:
+    for key, value in fill.items():
+        template = template.replace(f"${key}", value)
+    return template
+
+
+# ------------------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class _Recipe:
+    """What differs between families: their special tokens, chat template and model/processor construction."""
+
+    tokens: dict[str, str]  # named special tokens: bos/eos/pad plus model-specific names (image_token, ...)
+    chat_template: str
+    build: Callable  # (tokenizer, image_size) -> (model, processor)
+    extra: tuple[str, ...] = ()  # further special tokens the processor looks up by string
+
+
+def _text_dims(tok) -> dict:
+    """Text-model sizes and token ids shared by all families."""
+    return dict(
+        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+
+
+def _vision_dims(image_size: int) -> dict:
+    return dict(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        image_size=image_size, patch_size=image_size // GRID,
+    )
+
+
+def _build_internvl(tok, image_size: int):
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+    )
+
+    seq = (GRID // 2) ** 2  # pixel shuffle with downsample_ratio 0.5 merges 2x2 patches
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(**_vision_dims(image_size)),
+        text_config={"model_type": "qwen2", **_text_dims(tok)},
+        image_token_id=tok.context_image_token_id, image_seq_length=seq, downsample_ratio=0.5,
+    )
+    size = {"height": image_size, "width": image_size}
+    # crop_to_patches is InternVL's tiling. InternVLProcessor turns it on for every call (its images_kwargs
+    # default wins over the image processor's), so max_patches=1 is what keeps one tile per image.
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False, max_patches=1),
+        tokenizer=tok, video_processor=InternVLVideoProcessor(size=size), image_seq_length=seq,
+    )
+    return InternVLForConditionalGeneration(config), processor
+
+
+def _build_llava(tok, image_size: int):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor
+
+    patch = image_size // GRID
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "projection_dim": HIDDEN, **_vision_dims(image_size)},
+        text_config={"model_type": "llama", **_text_dims(tok)},
+        image_token_index=tok.image_token_id, image_seq_length=GRID**2, vision_feature_select_strategy="default",
+    )
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        # CLIP prepends a CLS token (+1) that the "default" strategy drops again (-1): GRID**2 image tokens.
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _build_qwen2_vl(tok, image_size: int):
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLTextConfig,
+        Qwen2VLVideoProcessor,
+        Qwen2VLVisionConfig,
+    )
+
+    patch, head_dim = image_size // GRID, HIDDEN // HEADS
+    # M-RoPE splits each head's rotary half into (temporal, height, width) sections, 2:3:3 as Qwen2-VL's 16:24:24.
+    mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    assert sum(mrope) == head_dim // 2
+    config = Qwen2VLConfig(
+        text_config=Qwen2VLTextConfig(
+            **_text_dims(tok), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
+        ),
+        vision_config=Qwen2VLVisionConfig(
+            depth=LAYERS, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=HEADS, mlp_ratio=MLP // HIDDEN,
+            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+    )
+    # min_pixels == max_pixels: every image is resized to image_size**2 pixels, GRID x GRID patches.
+    pixels = dict(min_pixels=image_size**2, max_pixels=image_size**2, patch_size=patch, merge_size=2)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels, temporal_patch_size=2),
+        tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**pixels, temporal_patch_size=2),
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _build_idefics3(tok, image_size: int):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    seq = (GRID // 2) ** 2  # the connector's pixel shuffle with scale_factor 2 merges 2x2 patches
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**_vision_dims(image_size)),
+        text_config={"model_type": "llama", **_text_dims(tok)},
+        image_token_id=tok.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id,
+    )
+    edge = {"longest_edge": image_size}
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(size=edge, max_image_size=edge, do_image_splitting=False),
+        tokenizer=tok, image_seq_len=seq,
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+_CHATML_TOKENS = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # Qwen2 has no BOS
+
+RECIPES: dict[str, _Recipe] = {
+    "internvl": _Recipe(
+        tokens={
+            **_CHATML_TOKENS, "start_image_token": "<img>", "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>",
+        },
+        extra=("<|im_start|>",),
+        chat_template=_template(_CHATML, SYSTEM="", IMAGE="<IMG_CONTEXT>\\n"),
+        build=_build_internvl,
+    ),
+    "llava": _Recipe(
+        tokens={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "image_token": "<image>"},
+        chat_template=_LLAVA,
+        build=_build_llava,
+    ),
+    "qwen2_vl": _Recipe(
+        tokens={
+            **_CHATML_TOKENS, "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+        },
+        extra=("<|im_start|>",),
+        chat_template=_template(_CHATML, SYSTEM=_QWEN_SYSTEM, IMAGE="<|vision_start|><|image_pad|><|vision_end|>"),
+        build=_build_qwen2_vl,
+    ),
+    "idefics3": _Recipe(
+        tokens={
+            "bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>", "pad_token": "<pad>",
+            "image_token": "<image>",
+        },
+        # The processor looks these up even without image splitting (the row/col tags name the tiles).
+        extra=("<fake_token_around_image>", "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
+        chat_template=_IDEFICS3,
+        build=_build_idefics3,
+    ),
+}
+
+
+def _recipe(family: str, option: str = "--family") -> _Recipe:
+    if family not in RECIPES:
+        raise ConfigError(
+            f"{option}: unknown tiny VLM family {family!r}{suggest(family, FAMILIES)}; valid families: {', '.join(FAMILIES)}."
+        )
+    return RECIPES[family]
+
+
+def _check(family: str, image_size: int, option: str = "--family") -> None:
+    _recipe(family, option)
+    if image_size % GRID or image_size < 4 * GRID:
+        raise ConfigError(
+            f"--image_size: {image_size} px is not supported; use a multiple of {GRID}, at least {4 * GRID} (MedMNIST: 28, 64, 128, 224)."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def _corpus() -> list[str]:
+    """Every instruction and response text VITask can produce for the twelve MedMNIST datasets."""
+    from vitask_pl.data.catalog import FLAGS, dataset_specs
+    from vitask_pl.data.prompts import candidate_responses, instruction
+
+    texts = list(CHAT_WORDS)
+    for spec in dataset_specs(FLAGS):
+        texts += [instruction(spec), instruction(spec, incomplete=True), *candidate_responses(spec)]
+    return texts
+
+
+def _train_tokenizer(recipe: _Recipe):
+    """A byte-level BPE learned on the prompt corpus (tens of milliseconds), with the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = list(dict.fromkeys([*recipe.tokens.values(), *recipe.extra]))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Each text is given alone and after a space, so a label learns one token both as an answer that starts a
+    # turn ("melanoma") and inside the instruction's list (" melanoma").
+    texts = _corpus()
+    bpe.train_from_iterator([*texts, *(" " + t for t in texts)], trainer=trainer)
+    named = {k: v for k, v in recipe.tokens.items() if k in ("bos_token", "eos_token", "pad_token")}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, **named,
+        extra_special_tokens={k: v for k, v in recipe.tokens.items() if k not in named},
+        chat_template=recipe.chat_template, clean_up_tokenization_spaces=False,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- building
+def _write(family: str, out: Path, image_size: int, seed: int) -> tuple[str, int]:
+    """Build the model and processor of ``family`` and save both into ``out``; returns (class name, parameters)."""
+    import torch
+
+    recipe = _recipe(family)
+    tok = _train_tokenizer(recipe)
+    torch.manual_seed(seed)
+    model, processor = recipe.build(tok, image_size)
+    processor.chat_template = recipe.chat_template
+    # generate() stops at the end-of-turn token and pads with pad, as the real chat checkpoints do.
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return type(model).__name__, sum(p.numel() for p in model.parameters())
+
+
+def _publish(tmp: Path, out: Path, replace: bool) -> bool:
+    """Rename the finished ``tmp`` to ``out``; False (``tmp`` discarded) if ``out`` exists and may not be replaced."""
+    try:
+        os.rename(tmp, out)  # atomic; also replaces an empty directory
+        return True
+    except OSError:
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+    old = _sibling(out, "old")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return True
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A hidden, unique name next to ``path``: same file system, so renames between them are atomic."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _is_nonempty(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def _overwrite_error(out: Path) -> ConfigError:
+    return ConfigError(f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out.")
+
+
+def _build(family: str, out: Path, image_size: int, seed: int, replace: bool) -> bool:
+    """Build into a temporary sibling of ``out`` and rename it into place, so ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
+    try:
+        name, n_params = _write(family, tmp, image_size, seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not _publish(tmp, out, replace):
+        return False
+    print(f"tiny-vlm: wrote {family} ({name}, {n_params:,} parameters, {image_size} px, seed {seed}) to {out}")
+    return True
+
+
+def build_tiny_vlm(family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False) -> str:
+    """Build a random-weight ``family`` VLM with its real processor and save it to ``out``; returns ``out``."""
+    _check(family, image_size)
+    path = Path(out).expanduser()
+    if _is_nonempty(path) and not force:
+        raise _overwrite_error(path)
+    if not _build(family, path, image_size, seed, replace=force):
+        raise _overwrite_error(path)  # another process wrote ``out`` while this one was building
+    return str(path)
+
+
+def tiny_cache_dir() -> Path:
+    """``$VITASK_CACHE/tiny``, else ``~/.cache/vitask/tiny``."""
+    root = os.environ.get("VITASK_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vitask") / "tiny"
+
+
+def resolve_tiny(spec: str, image_size: int = 28, *, option: str = "--family") -> str:
+    """``"tiny:<family>"`` -> its cached directory, built there on first use (seed 0); other specs unchanged.
+
+    ``option`` is the flag the spec came from, named in the error for an unknown family.
+    """
+    if not spec.startswith(TINY_PREFIX):
+        return spec
+    family = spec[len(TINY_PREFIX) :]
+    _check(family, image_size, option)
+    target = tiny_cache_dir() / f"{family}-{image_size}px-{VERSION}"
+    # Builds are published by rename, so a directory here is complete; a racing build that loses is discarded.
+    if not _is_nonempty(target):
+        _build(family, target, image_size, seed=0, replace=False)
+    return str(target)
+
+
+def tiny_vlm(family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False) -> str:
+    """Build a tiny random-weight VLM of a real transformers class, for offline tests and smoke runs.
+
+    The model has the family's real model and processor classes, chat template and special tokens, with
+    hidden size 64, two layers and a byte-level BPE tokenizer learned on the MedMNIST prompts. Load it with
+    ``AutoModelForImageTextToText.from_pretrained(out)`` and ``AutoProcessor.from_pretrained(out)``.
+
+    Args:
+        family: Model family, one of internvl, llava, qwen2_vl, idefics3.
+        out: Directory to write the model and processor to.
+        image_size: Input image size in pixels (a multiple of 4, e.g. 28, 64, 128, 224).
+        seed: Seed of the random weights.
+        force: Overwrite --out if it exists and is not empty.
+
+    Returns:
+        The directory written.
+    """
+    return build_tiny_vlm(family, out, image_size=image_size, seed=seed, force=force)
