@@ -17,6 +17,7 @@ TOOLS = {
     "data synth": ("vitask_pl.data.synth:synthesize", "write synthetic MedMNIST files in the official format"),
     "data check": ("vitask_pl.data.check:check", "validate MedMNIST files (keys, dtypes, shapes, labels, MD5)"),
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
+    "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
 }
 
 HELP = """usage: vitask <command> [options]

@@ -61,8 +61,24 @@ def test_per_dataset_metric_splits_joint_space_and_averages():
     probs[40:, 7:], targets[40:, 7:] = pp, tp.float()
     dataset = torch.tensor([0] * 40 + [1] * 30)
     metric.update(probs[:35], targets[:35], dataset[:35])
-    metric.update(probs[35:], targets[35:], dataset[35:], invalid=torch.arange(35) % 5 == 0)
+    invalid = torch.zeros(70, dtype=torch.bool)
+    invalid[35:] = torch.arange(35) % 5 == 0  # one dermamnist row (35) and six pneumoniamnist rows
+    metric.update(probs[35:], targets[35:], dataset[35:], invalid=invalid[35:])
     out = metric.compute()
-    assert out["dermamnist"] == pytest.approx(dataset_metrics(specs[0], pd, td) | {"invalid": 1 / 40})
+    assert out["dermamnist"] == pytest.approx(dataset_metrics(specs[0], pd, td, invalid[:40]) | {"invalid": 1 / 40})
     assert out["avg"]["acc"] == pytest.approx((out["dermamnist"]["acc"] + out["pneumoniamnist"]["acc"]) / 2)
     assert out["avg"]["n"] == 70
+
+
+def test_invalid_answers_count_as_wrong_even_when_their_argmax_would_be_right():
+    spec = dataset_specs(["dermamnist"])[0]
+    y = torch.tensor([0, 1, 2, 0])
+    onehot = torch.nn.functional.one_hot(y, 7)
+    invalid = torch.tensor([True, False, False, False])
+    got = dataset_metrics(spec, torch.zeros(4, 7), onehot, invalid, auc=False)  # all-zero row argmax = 0 = label
+    assert got["acc"] == pytest.approx(1 / 4)  # only row 3 (pred 0 == 0); row 0 is invalid, so wrong
+    assert "auc" not in got
+    perfect = dataset_metrics(spec, onehot.float(), onehot, invalid, auc=False)
+    assert perfect["acc"] == pytest.approx(3 / 4)
+    # class 0: one hit of two (recall 1/2, precision 1) -> 2/3; classes 1, 2 perfect; absent classes 3-6 score 0
+    assert perfect["f1"] == pytest.approx((2 / 3 + 1 + 1) / 7)

@@ -19,16 +19,29 @@ from vitask_pl.data.catalog import BINARY, DatasetSpec, joint_width
 METRIC_NAMES = ("acc", "f1", "auc")
 
 
-def dataset_metrics(spec: DatasetSpec, probs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def dataset_metrics(
+    spec: DatasetSpec, probs: torch.Tensor, target: torch.Tensor, invalid: torch.Tensor | None = None, *, auc: bool = True
+) -> dict[str, float]:
     """Metrics of one dataset.
 
     Args:
         spec: the dataset.
         probs: ``(N, C)`` class probabilities (softmax) or, for multi-label, per-finding probabilities.
         target: ``(N, C)`` multi-hot targets (one-hot for single-label datasets).
+        invalid: ``(N,)`` bool, answers that matched no label: they count as wrong (for multi-label, every
+            finding wrong) and, for F1, as a miss of their true class without a false positive elsewhere.
+        auc: report AUC (meaningless for one-hot generated answers).
     """
     probs, target = probs.float(), target.long()
     n, c = probs.shape
+    if invalid is not None and bool(invalid.any()):
+        invalid = invalid.bool()
+        if spec.multi_label:
+            probs = torch.where(invalid[:, None], 1.0 - target.float(), probs)
+        else:
+            y, pred = target.argmax(dim=1), probs.argmax(dim=1).masked_fill(invalid, c)  # class c: "no valid answer"
+            f1 = tmf.multiclass_f1_score(pred, y, num_classes=c + 1, average="none")[:c].mean()
+            return {"acc": float((pred == y).float().mean()), "f1": float(f1), "n": n}
     if spec.multi_label:
         out = {
             "acc": tmf.multilabel_accuracy(probs, target, num_labels=c, threshold=0.5, average="macro"),
@@ -49,6 +62,8 @@ def dataset_metrics(spec: DatasetSpec, probs: torch.Tensor, target: torch.Tensor
             "f1": tmf.multiclass_f1_score(pred, y, num_classes=c, average="macro"),
             "auc": auc,
         }
+    if not auc:
+        out.pop("auc")
     return {k: float(v) for k, v in out.items()} | {"n": n}
 
 
@@ -70,9 +85,9 @@ class PerDatasetMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, specs: Sequence[DatasetSpec], *, report_invalid: bool = False):
+    def __init__(self, specs: Sequence[DatasetSpec], *, report_invalid: bool = False, auc: bool = True):
         super().__init__()
-        self.specs, self.report_invalid = list(specs), report_invalid
+        self.specs, self.report_invalid, self.auc = list(specs), report_invalid, auc
         self.width = joint_width(self.specs)
         for name in ("probs", "targets", "dataset", "invalid"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -92,7 +107,7 @@ class PerDatasetMetrics(Metric):
             if not rows.any():
                 continue
             cols = slice(spec.offset, spec.offset + spec.num_classes)
-            results[spec.flag] = dataset_metrics(spec, probs[rows, cols], targets[rows, cols])
+            results[spec.flag] = dataset_metrics(spec, probs[rows, cols], targets[rows, cols], invalid[rows], auc=self.auc)
             if any_invalid:
                 results[spec.flag]["invalid"] = float(invalid[rows].mean())
         if results:

@@ -44,13 +44,19 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def tables(results: dict, title: str = "") -> list[tuple[str, dict]]:
+    """The per-dataset tables inside possibly nested results (``{mode: {protocol: table}}``), with their paths."""
+    if "avg" in results:
+        return [(title, results)]
+    return [t for key, sub in results.items() for t in tables(sub, f"{title} {key}".strip())]
+
+
 def publish(trainer: L.Trainer, results: dict, filename: str = "metrics.json") -> Path | None:
     """Write ``metrics.json`` on rank 0 and print each result table."""
     if not trainer.is_global_zero:
         return None
     path = write_json(log_dir(trainer) / filename, results)
-    tables = results.items() if all(isinstance(v, dict) and "avg" in v for v in results.values()) else [("", results)]
-    for title, table in tables:
+    for title, table in tables(results):
         print(format_table(table, title=title))
     print(f"metrics written to {path}")
     return path

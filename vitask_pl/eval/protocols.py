@@ -1,0 +1,135 @@
+"""Two ways to read a class off a generative VLM (shared/VITASK.md §6).
+
+``score``: the log-likelihood of every candidate response under the prompt, softmaxed over the candidates,
+gives class probabilities, hence ACC, macro-F1 and AUC. The image and instruction are encoded once per
+sample (one prefix pass with a KV cache); the candidates run against that cache in one batch.
+``generate``: greedy decoding with a small token budget, then normalised exact match; unmatched = invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitask_pl.data.catalog import DatasetSpec, joint_width
+from vitask_pl.eval.parsing import parse_answer
+from vitask_pl.models.vlm import VLM
+
+PROTOCOLS = ("score", "generate")
+
+
+@dataclass
+class Prefix:
+    """The encoded prompt of a batch: hidden states of its last real token and the cache behind them."""
+
+    last_hidden: torch.Tensor  # (B, D)
+    cache: object
+    mask: torch.Tensor  # (B, Lp) 1 on real prompt tokens
+    next_position: torch.Tensor  # (B,) position id of the first generated token
+
+
+def _text_positions(vlm: VLM, start: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``start + t`` for ``length`` new text tokens; Qwen2-VL's M-RoPE uses them on all 3 axes."""
+    pos = start[:, None] + torch.arange(length, device=start.device)
+    return pos[None].expand(3, -1, -1) if vlm.family.name == "qwen2_vl" else pos
+
+
+def encode_prefix(vlm: VLM, batch: dict, exemplars: torch.Tensor | None = None) -> Prefix:
+    """Run the prompt part of each row (image, optional exemplar slots, instruction, assistant header) once.
+
+    ``batch`` is a :class:`~vitask_pl.data.chat.ChatBatch` batch; with ``exemplars`` it must also carry the
+    ``exemplar_mask`` of its slots (see :mod:`vitask_pl.models.exemplar`).
+    """
+    length = int(batch["prompt_len"].max())
+    ids = batch["input_ids"][:, :length]
+    mask = (torch.arange(length, device=ids.device)[None] < batch["prompt_len"][:, None]).long()
+    view = {k: v[:, :length] for k, v in batch.items() if k in ("mm_token_type_ids",)} | {"pixel": batch["pixel"]}
+    slots = batch["exemplar_mask"][:, :length] if exemplars is not None else None
+    embeds = vlm.embed(ids, vlm.image_features(batch["pixel"]), slots, exemplars)
+    positions = vlm.positions(ids, mask, view)
+    hidden, cache = vlm.decode(embeds, mask, positions, use_cache=True)
+    last = batch["prompt_len"] - 1
+    rows = torch.arange(len(last), device=ids.device)
+    pos = positions.max(dim=0).values if positions.ndim == 3 else positions  # M-RoPE: text resumes after the max
+    next_position = pos.masked_fill(mask == 0, -1).max(dim=1).values + 1
+    return Prefix(hidden[rows, last], cache, mask, next_position)
+
+
+@torch.no_grad()
+def candidate_loglik(vlm: VLM, prefix: Prefix, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` summed log-probabilities of each candidate's tokens (response + end of turn) after the prompt.
+
+    The LM head runs only at the positions that predict candidate tokens.
+    """
+    b, c, t = cand_ids.shape
+    logp_first = F.log_softmax(vlm.head(prefix.last_hidden).float(), dim=-1)  # (B, V)
+    total = logp_first.gather(1, cand_ids[:, :, 0])  # (B, C)
+    if t == 1:
+        return total
+    prefix.cache.batch_repeat_interleave(c)
+    inputs = cand_ids[:, :, :-1].reshape(b * c, t - 1)
+    mask = torch.cat([prefix.mask.repeat_interleave(c, 0), cand_mask[:, :, :-1].reshape(b * c, t - 1)], dim=1)
+    positions = _text_positions(vlm, prefix.next_position.repeat_interleave(c), t - 1)
+    embeds = vlm.model.get_input_embeddings()(inputs)
+    hidden, _ = vlm.decode(embeds, mask, positions, cache=prefix.cache, use_cache=True)
+    keep = cand_mask[:, :, 1:].reshape(b * c, t - 1).bool()
+    targets = cand_ids[:, :, 1:].reshape(b * c, t - 1)[keep]
+    logp = F.log_softmax(vlm.head(hidden[keep]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    rest = torch.zeros(b * c, device=logp.device).index_add_(0, keep.nonzero()[:, 0], logp)
+    return total + rest.view(b, c)
+
+
+@torch.no_grad()
+def greedy_generate(vlm: VLM, prefix: Prefix, max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy decoding from the encoded prompt; each row stops at its first stop token (not returned)."""
+    stop = torch.tensor(sorted(stop_ids), device=prefix.mask.device)
+    token = vlm.head(prefix.last_hidden).argmax(dim=-1)
+    mask, position, cache = prefix.mask, prefix.next_position, prefix.cache
+    out, done = [], torch.zeros_like(token, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        done = done | torch.isin(token, stop)
+        out.append(token.masked_fill(done, -1))
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        embeds = vlm.model.get_input_embeddings()(token[:, None])
+        hidden, cache = vlm.decode(embeds, mask, _text_positions(vlm, position, 1), cache=cache, use_cache=True)
+        position = position + 1
+        token = vlm.head(hidden[:, -1]).argmax(dim=-1)
+    tokens = torch.stack(out, dim=1).tolist()
+    return [[t for t in row if t >= 0] for row in tokens]
+
+
+def score_to_probs(
+    loglik: torch.Tensor, valid: torch.Tensor, dataset: torch.Tensor, specs: Sequence[DatasetSpec]
+) -> torch.Tensor:
+    """``(B, C)`` candidate log-likelihoods -> ``(B, K)`` joint-space probabilities (softmax over candidates).
+
+    Multi-label ChestMNIST: candidates are the 14 findings and ``no finding``; a finding's probability is its
+    candidate's share, which ranks findings for AUC (single-finding answers: see the README's protocol notes).
+    """
+    probs = F.softmax(loglik.float().masked_fill(~valid, float("-inf")), dim=1)
+    out = torch.zeros(len(dataset), joint_width(specs), device=probs.device)
+    for row, d in enumerate(dataset.tolist()):
+        spec = specs[d]
+        out[row, spec.offset : spec.offset + spec.num_classes] = probs[row, : spec.num_classes]
+    return out
+
+
+def generation_to_probs(
+    texts: Sequence[str], dataset: torch.Tensor, specs: Sequence[DatasetSpec]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parsed answers -> ``(B, K)`` one-hot joint-space predictions and ``(B,)`` invalid flags."""
+    out = torch.zeros(len(texts), joint_width(specs))
+    invalid = torch.zeros(len(texts), dtype=torch.bool)
+    for row, (text, d) in enumerate(zip(texts, dataset.tolist())):
+        spec = specs[d]
+        pred = parse_answer(text, spec)
+        if pred is None:
+            invalid[row] = True
+        else:
+            out[row, spec.offset : spec.offset + spec.num_classes] = pred
+    return out, invalid

@@ -1,0 +1,113 @@
+"""Pieces every VLM stage composes: the response forward, evaluation in both protocols, small checkpoints.
+
+Functions and one small ``nn.Module`` holder, not a base class: each stage's LightningModule reads top to
+bottom and calls these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from vitask_pl.data.catalog import DatasetSpec
+from vitask_pl.errors import ConfigError
+from vitask_pl.eval.metrics import PerDatasetMetrics
+from vitask_pl.eval.protocols import (
+    PROTOCOLS,
+    candidate_loglik,
+    encode_prefix,
+    generation_to_probs,
+    greedy_generate,
+    score_to_probs,
+)
+from vitask_pl.models.vlm import VLM, gather_response
+
+
+def response_logits(
+    vlm: VLM, batch: dict, image_features: torch.Tensor, exemplars: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits at response positions only: ``(N, V)`` logits, ``(N,)`` targets, ``(N,)`` rows.
+
+    The LM head never sees the image or instruction positions (vocabularies are 32k-150k wide).
+    """
+    embeds = vlm.embed(batch["input_ids"], image_features, batch.get("exemplar_mask"), exemplars)
+    positions = vlm.positions(batch["input_ids"], batch["attention_mask"], batch)
+    hidden, _ = vlm.decode(embeds, batch["attention_mask"], positions)
+    rows, targets, row_ids = gather_response(hidden, batch["labels"])
+    return vlm.head(rows), targets, row_ids
+
+
+def token_denominator(module: L.LightningModule, n: int, device) -> torch.Tensor:
+    """Per-rank denominator so DDP's gradient mean equals the sum over the *global* batch / its token count."""
+    count = torch.tensor(float(n), device=device)
+    if module.trainer is None or module.trainer.world_size == 1:
+        return count
+    total = module.trainer.strategy.reduce(count, reduce_op="sum")
+    return total / module.trainer.world_size
+
+
+def check_protocols(protocols: Sequence[str], option: str) -> list[str]:
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ConfigError(f"{option}: {list(protocols)}; choose from {list(PROTOCOLS)}.")
+    return list(protocols)
+
+
+ADAPTER_MARKERS = ("lora_", "connector.")
+
+
+def keep_adapters(checkpoint: dict) -> None:
+    """Drop the frozen base from a checkpoint: LoRA and connector weights (and optimizer state) stay, so a 2B
+    model's stage checkpoint is megabytes. Loading rebuilds the base from ``vlm`` first."""
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v for k, v in state.items() if any(m in k for m in ADAPTER_MARKERS)}
+
+
+class Evaluation(nn.Module):
+    """Per-dataset metrics for every (split, mode, protocol) a stage reports; a holder, so they move and sync.
+
+    ``mode`` is ``wo_ep`` (the VLM alone) or ``w_ep`` (with the TSM's exemplar).
+    """
+
+    def __init__(self, specs: Sequence[DatasetSpec], modes: Sequence[str], *, max_new_tokens: int, stop_ids):
+        super().__init__()
+        self.specs, self.modes, self.max_new_tokens, self.stop_ids = list(specs), list(modes), max_new_tokens, stop_ids
+        self.metrics = nn.ModuleDict({
+            f"{split}_{mode}_{protocol}": PerDatasetMetrics(specs, report_invalid=protocol == "generate", auc=protocol == "score")
+            for split in ("val", "test") for mode in modes for protocol in PROTOCOLS
+        })  # fmt: skip
+        self.used: dict[str, set[str]] = {"val": set(), "test": set()}
+
+    @torch.no_grad()
+    def update(self, vlm: VLM, batch: dict, split: str, mode: str, protocols, tokenizer, exemplars=None) -> dict:
+        """Run the protocols on one batch; returns ``{protocol: (B, K) joint probabilities}`` for predictions."""
+        out = {}
+        for protocol in protocols:
+            prefix = encode_prefix(vlm, batch, exemplars)  # each protocol consumes its own cache
+            if protocol == "score":
+                loglik = candidate_loglik(vlm, prefix, batch["cand_ids"], batch["cand_mask"])
+                probs, invalid = score_to_probs(loglik, batch["cand_valid"], batch["dataset"], self.specs), None
+            else:
+                tokens = greedy_generate(vlm, prefix, self.max_new_tokens, self.stop_ids)
+                texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                probs, invalid = generation_to_probs(texts, batch["dataset"].cpu(), self.specs)
+                probs, invalid = probs.to(batch["targets"].device), invalid.to(batch["targets"].device)
+            self.metrics[f"{split}_{mode}_{protocol}"].update(probs, batch["targets"], batch["dataset"], invalid)
+            self.used[split].add(f"{mode}_{protocol}")
+            out[protocol] = probs
+        return out
+
+    def compute(self, split: str) -> dict:
+        """``{mode: {protocol: {dataset: {metric: value}}}}`` for what ran this epoch; resets."""
+        results = {}
+        for mode in self.modes:
+            for protocol in PROTOCOLS:
+                if f"{mode}_{protocol}" in self.used[split]:
+                    metric = self.metrics[f"{split}_{mode}_{protocol}"]
+                    results.setdefault(mode, {})[protocol] = metric.compute()
+                    metric.reset()
+        self.used[split] = set()
+        return results
