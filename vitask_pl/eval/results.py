@@ -60,3 +60,18 @@ def publish(trainer: L.Trainer, results: dict, filename: str = "metrics.json") -
         print(format_table(table, title=title))
     print(f"metrics written to {path}")
     return path
+
+
+def write_predictions(path: Path, rows: list[dict]) -> Path:
+    """Per-sample predictions as CSV (columns: the union of the rows' keys, in first-seen order)."""
+    import csv
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path

@@ -20,7 +20,7 @@ from vitask_pl.errors import ConfigError, suggest
 
 FAMILIES = ("internvl", "llava", "qwen2_vl", "idefics3")
 TINY_PREFIX = "tiny:"
-VERSION = "v1"  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
+VERSION = "v2"  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
 
 # Patches per image side at any resolution (patch = image_size // GRID): every image size gives the same
 # handful of image tokens (16 for LLaVA, 4 after the 2x2 merge of the others), which keeps 224 px runs fast.
@@ -330,6 +330,20 @@ def _train_tokenizer(recipe: _Recipe):
 
 
 # -------------------------------------------------------------------------------------------------- building
+def _widen_token_embeddings(model) -> None:
+    """Token embeddings (tied to the LM head) with std 1.2/sqrt(hidden) instead of transformers' 0.02.
+
+    A pretrained LLM's head spans a wide logit range; at 0.02 a 64-wide random head cannot exceed about one
+    logit of margin, so a frozen head caps what LoRA can learn (loss stuck near ln V). At this scale initial
+    logits have std ~1.2 and LoRA can reach confident answers within a few hundred steps.
+    """
+    import torch
+
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            emb.weight.normal_(0.0, 1.2 / emb.weight.shape[1] ** 0.5)
+
+
 def _write(family: str, out: Path, image_size: int, seed: int) -> tuple[str, int]:
     """Build the model and processor of ``family`` and save both into ``out``; returns (class name, parameters)."""
     import torch
@@ -338,6 +352,7 @@ def _write(family: str, out: Path, image_size: int, seed: int) -> tuple[str, int
     tok = _train_tokenizer(recipe)
     torch.manual_seed(seed)
     model, processor = recipe.build(tok, image_size)
+    _widen_token_embeddings(model)
     processor.chat_template = recipe.chat_template
     # generate() stops at the end-of-turn token and pads with pad, as the real chat checkpoints do.
     model.generation_config.bos_token_id = tok.bos_token_id

@@ -8,7 +8,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from vitask_pl.data.catalog import dataset_specs, resolve_flags
 from vitask_pl.data.chat import ChatBatch
-from vitask_pl.eval.results import flatten, publish
 from vitask_pl.losses import response_nll
 from vitask_pl.models.vlm import LoraSettings, build_vlm
 from vitask_pl.modules.optim import configure_optimizers
@@ -16,6 +15,8 @@ from vitask_pl.modules.vlm_parts import (
     Evaluation,
     check_protocols,
     keep_adapters,
+    log_test,
+    log_validation,
     response_logits,
     token_denominator,
 )
@@ -93,16 +94,10 @@ class VanillaInstructionTuning(L.LightningModule):
         self.evaluation.update(self.vlm, batch, "test", "wo_ep", self.test_protocols, self.collate.tokenizer)
 
     def on_validation_epoch_end(self) -> None:
-        results = self.evaluation.compute("val")
-        logged = flatten(results, "val")
-        # The checkpoint monitor: the deployment setting (VLM alone) under the first validation protocol.
-        self.log("val/avg/acc", results["wo_ep"][self.val_protocols[0]]["avg"]["acc"], prog_bar=True)
-        self.log_dict(logged)
+        log_validation(self, self.evaluation.compute("val"), self.val_protocols[0])
 
     def on_test_epoch_end(self) -> None:
-        results = self.evaluation.compute("test")
-        self.log_dict(flatten(results, "test"))
-        publish(self.trainer, results)
+        log_test(self, self.evaluation.compute("test"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_adapters(checkpoint)

@@ -23,7 +23,9 @@ from vitask_pl.eval.protocols import (
     greedy_generate,
     score_to_probs,
 )
-from vitask_pl.models.vlm import VLM, gather_response
+from vitask_pl.eval.results import flatten, publish
+from vitask_pl.models.exemplar import insert_slots
+from vitask_pl.models.vlm import IGNORE, VLM, gather_response
 
 
 def response_logits(
@@ -40,13 +42,54 @@ def response_logits(
     return vlm.head(rows), targets, row_ids
 
 
+def fused_views(vlm: VLM, batch: dict, exemplars: torch.Tensor, pad_id: int, *, negatives: bool) -> dict:
+    """The EP, plain and (with ``negatives``) negative views of a batch through the decoder as ONE batch.
+
+    The frozen vision features of image_i are computed once and shared by its EP and plain rows; the negative
+    rows reuse the plain rows' text with image_j's features. Logits are taken at response positions only; all
+    views hold the same response tokens, so the rows align across views.
+
+    Args:
+        batch: a :class:`~vitask_pl.data.chat.ChatBatch` batch (with ``neg_pixel`` for negatives).
+        exemplars: ``(B, K, D)`` exemplar embeddings from the TSM connector.
+
+    Returns: ``{"ep", "plain", "neg"}`` logits ``(N, V)`` (``neg`` only with negatives) and ``targets`` ``(N,)``.
+    """
+    ep = insert_slots(batch, exemplars.shape[1], vlm.image_token_id, pad_id)
+    length = ep["input_ids"].shape[1]
+
+    def padded(x: torch.Tensor, fill) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=fill)
+
+    n_views = 3 if negatives else 2
+    plain = {"input_ids": padded(batch["input_ids"], pad_id), "attention_mask": padded(batch["attention_mask"], 0),
+             "labels": padded(batch["labels"], IGNORE)}  # fmt: skip
+    fused = {k: torch.cat([ep[k]] + [plain[k]] * (n_views - 1)) for k in plain}
+    slots = torch.cat([ep["exemplar_mask"]] + [torch.zeros_like(ep["exemplar_mask"])] * (n_views - 1))
+    image_i = vlm.image_features(batch["pixel"])
+    features = [image_i, image_i] + ([vlm.image_features(batch["neg_pixel"])] if negatives else [])
+    pixels = [batch["pixel"]] * 2 + ([batch["neg_pixel"]] if negatives else [])
+    if "mm_token_type_ids" in batch:  # Qwen2-VL's M-RoPE reads the token types and the image grids
+        fused["mm_token_type_ids"] = torch.cat([ep["mm_token_type_ids"]] + [padded(batch["mm_token_type_ids"], 0)] * (n_views - 1))
+        fused["pixel"] = {"image_grid_thw": torch.cat([p["image_grid_thw"] for p in pixels])}
+    embeds = vlm.embed(fused["input_ids"], torch.cat(features), slots, exemplars.reshape(-1, exemplars.shape[-1]))
+    positions = vlm.positions(fused["input_ids"], fused["attention_mask"], fused)
+    hidden, _ = vlm.decode(embeds, fused["attention_mask"], positions)
+    rows, targets, _ = gather_response(hidden, fused["labels"])
+    logits = vlm.head(rows).chunk(n_views)
+    out = {"ep": logits[0], "plain": logits[1], "targets": targets.chunk(n_views)[0]}
+    if negatives:
+        out["neg"] = logits[2]
+    return out
+
+
 def token_denominator(module: L.LightningModule, n: int, device) -> torch.Tensor:
     """Per-rank denominator so DDP's gradient mean equals the sum over the *global* batch / its token count."""
     count = torch.tensor(float(n), device=device)
-    if module.trainer is None or module.trainer.world_size == 1:
+    trainer = module._trainer  # None outside a Trainer (notebooks, tests); `.trainer` would raise there
+    if trainer is None or trainer.world_size == 1:
         return count
-    total = module.trainer.strategy.reduce(count, reduce_op="sum")
-    return total / module.trainer.world_size
+    return trainer.strategy.reduce(count, reduce_op="sum") / trainer.world_size
 
 
 def check_protocols(protocols: Sequence[str], option: str) -> list[str]:
@@ -111,3 +154,14 @@ class Evaluation(nn.Module):
                     metric.reset()
         self.used[split] = set()
         return results
+
+
+def log_validation(module: L.LightningModule, results: dict, protocol: str) -> None:
+    """Log every validation number; ``val/avg/acc`` (the checkpoint monitor) is the VLM alone under ``protocol``."""
+    module.log("val/avg/acc", results["wo_ep"][protocol]["avg"]["acc"], prog_bar=True)
+    module.log_dict(flatten(results, "val"))
+
+
+def log_test(module: L.LightningModule, results: dict) -> None:
+    module.log_dict(flatten(results, "test"))
+    publish(module.trainer, results)

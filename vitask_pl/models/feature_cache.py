@@ -1,0 +1,69 @@
+"""TSM features computed once per split and reused by every VITask step (shared/VITASK.md §3).
+
+The TSM is frozen, so its features are a pure function of (TSM checkpoint, image, eval transform). They are
+stored per dataset split under ``{cache_dir}/{checkpoint sha256[:16]}/{flag}_{size}px_{split}_{kind}.pt``,
+for every row of the official file, so any ``max_samples`` subset can look them up by row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from vitask_pl.data.catalog import DatasetSpec
+from vitask_pl.data.collate import ImageBatch
+from vitask_pl.data.dataset import JointDataset
+from vitask_pl.data.files import load_split
+from vitask_pl.models.tsm import TaskSpecificModel, extract_features
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("VITASK_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vitask") / "features"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Per-split TSM features on disk, rebuilt when the checkpoint, dataset, size, split or kind changes.
+
+    Args:
+        tsm: the frozen TSM (from :func:`~vitask_pl.models.tsm.load_tsm`).
+        tsm_ckpt: its checkpoint file; its content hash keys the cache.
+        cache_dir: where feature files live (default ``$VITASK_CACHE/features`` or ``~/.cache/vitask/features``).
+        kind: ``pooled`` or ``patch``.
+        batch_size: images per TSM forward while building.
+    """
+
+    def __init__(self, tsm: TaskSpecificModel, tsm_ckpt: str, cache_dir: str | None = None, kind: str = "pooled",
+                 batch_size: int = 256):  # fmt: skip
+        self.tsm, self.kind, self.batch_size = tsm, kind, batch_size
+        self.dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.dir = self.dir / file_sha256(tsm_ckpt)[:16]
+
+    def path(self, spec: DatasetSpec, size: int, split: str) -> Path:
+        return self.dir / f"{spec.flag}_{size}px_{split}_{self.kind}.pt"
+
+    def get(self, root: str | Path, spec: DatasetSpec, size: int, split: str, device="cpu") -> torch.Tensor:
+        """``(N, F)`` (``(N, T, F)`` for patch) features of every row of the split; built and saved if missing."""
+        path = self.path(spec, size, split)
+        if path.is_file():
+            return torch.load(path, map_location=device, weights_only=True)
+        part = load_split(root, spec, size, split)
+        dataset = JointDataset([spec], [part])
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]))
+        features = extract_features(self.tsm, loader, self.kind)["features"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(features, tmp)
+        os.replace(tmp, path)  # atomic: concurrent builders (DDP ranks) all end with a complete file
+        return features.to(device)
