@@ -26,3 +26,31 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("medmnist")
     synthesize(root, SMALL_FLAGS, size=28, per_class=8, seed=0)
     return root
+
+
+def make_tsm_ckpt(root, flags, path, *, embed_dim=32, seed=0):
+    """A TSM-stage checkpoint after two training steps (tiny ViT), as `vitask fit --config configs/tsm.yaml` writes."""
+    import lightning as L
+
+    from vitask_pl.data.datamodule import MedMNISTDataModule
+    from vitask_pl.modules.tsm import TSMModule
+
+    L.seed_everything(seed)
+    dm = MedMNISTDataModule(root, flags, 28, batch_size=8, num_workers=0)
+    model = TSMModule("vit_tiny_patch16_224", datasets=dm.flags, image_size=28,
+                      backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": embed_dim, "num_heads": 2})  # fmt: skip
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tsm_ckpt(synth_root, tmp_path_factory):
+    return make_tsm_ckpt(synth_root, SMALL_FLAGS, tmp_path_factory.mktemp("tsm") / "tsm.ckpt")
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("features"))
