@@ -39,3 +39,6 @@ lint: install  ## ruff
 
 clean:  ## remove runs and synthetic data (keeps .venv)
 	rm -rf runs data
+
+bench: install  ## step-time / memory ratios of the training and evaluation variants (tiny model)
+	$(VENV)/bin/vitask bench

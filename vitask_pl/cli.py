@@ -18,6 +18,7 @@ TOOLS = {
     "data check": ("vitask_pl.data.check:check", "validate MedMNIST files (keys, dtypes, shapes, labels, MD5)"),
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
     "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
+    "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),
 }
 
 HELP = """usage: vitask <command> [options]

@@ -1,6 +1,5 @@
 """Our torchmetrics-based numbers against medmnist's own Evaluator functions on the same predictions."""
 
-import numpy as np
 import pytest
 import torch
 from medmnist.evaluator import getACC, getAUC

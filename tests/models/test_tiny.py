@@ -141,7 +141,7 @@ def test_resolve_tiny_builds_once(tmp_path, monkeypatch):
     assert tiny.resolve_tiny("org/some-model") == "org/some-model"
 
     path = tiny.resolve_tiny("tiny:llava")
-    assert path == str(tmp_path / "tiny" / "llava-28px-v1")
+    assert path == str(tmp_path / "tiny" / f"llava-28px-{tiny.VERSION}")
     assert os.path.exists(os.path.join(path, "model.safetensors"))
 
     def no_rebuild(*args, **kwargs):
@@ -149,7 +149,7 @@ def test_resolve_tiny_builds_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, "_write", no_rebuild)
     assert tiny.resolve_tiny("tiny:llava") == path
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["llava-28px-v1"]
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [f"llava-28px-{tiny.VERSION}"]
 
 
 def test_losing_a_build_race_keeps_the_winner(tmp_path):

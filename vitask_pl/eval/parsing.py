@@ -13,7 +13,7 @@ from vitask_pl.data.prompts import NO_FINDING
 def normalise(text: str) -> str:
     """Lower case, single spaces, no surrounding whitespace, quotes or final full stop."""
     text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.strip("\"'`").rstrip(".").strip()
+    return text.rstrip(".").strip("\"'` ").rstrip(".").strip()
 
 
 def parse_answer(text: str, spec: DatasetSpec) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from vitask_pl.modules.vlm_parts import (
     Evaluation,
     check_protocols,
     fused_views,
+    is_adapter,
     keep_adapters,
     log_test,
     log_validation,
@@ -155,7 +156,7 @@ def _load_init(module: L.LightningModule, path: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
     _check_connector(module.core, state, path)
     ours = module.state_dict()
-    adapters = [k for k in ours if any(m in k for m in ("lora_", "connector."))]
+    adapters = [k for k in ours if is_adapter(k)]
     missing = [k for k in adapters if k not in state]
     if missing:
         raise ConfigError(f"--model.init_args.init_from: {path} is not a stage-1 checkpoint of this model "

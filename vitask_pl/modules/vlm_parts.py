@@ -99,14 +99,15 @@ def check_protocols(protocols: Sequence[str], option: str) -> list[str]:
     return list(protocols)
 
 
-ADAPTER_MARKERS = ("lora_", "connector.")
+def is_adapter(key: str) -> bool:
+    """LoRA weights and the VITask TSM connector (not Idefics3's own ``connector``, which is the frozen base)."""
+    return "lora_" in key or key.startswith("core.connector.")
 
 
 def keep_adapters(checkpoint: dict) -> None:
     """Drop the frozen base from a checkpoint: LoRA and connector weights (and optimizer state) stay, so a 2B
     model's stage checkpoint is megabytes. Loading rebuilds the base from ``vlm`` first."""
-    state = checkpoint["state_dict"]
-    checkpoint["state_dict"] = {k: v for k, v in state.items() if any(m in k for m in ADAPTER_MARKERS)}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
 
 
 class Evaluation(nn.Module):

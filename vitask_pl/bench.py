@@ -1,0 +1,202 @@
+"""``vitask bench``: step time and peak memory of the training variants, measured side by side in one run.
+
+Numbers are ratios against a baseline measured in the same process on the same tiny model and batch, so
+they travel across machines better than absolute times; still, a 2-core CPU is noisy: read them as sizes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vitask_pl.losses import crt, rda_kl, response_nll
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the peak resident-set growth (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        proc = psutil.Process()
+        self.base, self._stop = proc.memory_info().rss, False
+
+        def sample():
+            while not self._stop:
+                self.peak = max(self.peak, proc.memory_info().rss - self.base)
+                time.sleep(0.0005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._thread.join()
+
+
+def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """(median seconds per call, peak memory in MiB of one call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    with PeakMemory(device) as mem:
+        fn()
+    return statistics.median(times), mem.peak / 2**20
+
+
+def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
+    """An untrained TSM checkpoint (timing does not depend on its weights)."""
+    from vitask_pl.modules.tsm import TSMModule
+
+    module = TSMModule("resnet18", datasets=flags, image_size=image_size)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
+
+
+def bench(
+    family: str = "internvl",
+    batch_size: int = 8,
+    steps: int = 5,
+    image_size: int = 28,
+    datasets: list[str] | None = None,
+    device: str = "auto",
+    vlm: str | None = None,
+) -> dict:
+    """Print step time and peak memory ratios of the VITask training and evaluation variants.
+
+    Args:
+        family: tiny model family when ``vlm`` is not given.
+        batch_size: samples per step.
+        steps: timed repetitions per variant (the median is reported).
+        image_size: image size (synthetic data and tiny model).
+        datasets: MedMNIST flags to draw the batch from.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+        vlm: a VLM spec (hub id, directory, ``tiny:<family>``) instead of the tiny ``family``.
+    """
+    from vitask_pl.data.datamodule import MedMNISTDataModule
+    from vitask_pl.data.synth import synthesize
+    from vitask_pl.eval.protocols import candidate_loglik, encode_prefix, greedy_generate
+    from vitask_pl.models.exemplar import insert_slots
+    from vitask_pl.modules.vitask import ExemplarPromptTuning
+    from vitask_pl.modules.vlm_parts import fused_views, response_logits
+
+    flags = datasets or ["dermamnist", "chestmnist", "bloodmnist", "pneumoniamnist"]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    tmp = Path(tempfile.mkdtemp(prefix="vitask-bench-"))
+    synthesize(tmp, flags, image_size, per_class=4, seed=0)
+    dm = MedMNISTDataModule(str(tmp), flags, image_size, num_workers=0)
+    module = ExemplarPromptTuning(
+        tsm_ckpt=_tiny_tsm_checkpoint(tmp / "tsm.ckpt", flags, image_size), vlm=vlm or f"tiny:{family}",
+        datasets=flags, image_size=image_size, feature_cache=False,
+    ).to(dev)  # fmt: skip
+    core, v = module.core, module.core.vlm
+    ds = dm.dataset("train", negatives=True)
+    samples = [ds[i * len(ds) // batch_size] for i in range(batch_size)]
+    batch = module.collate(samples)
+
+    def to_dev(x):
+        return {k: to_dev(t) for k, t in x.items()} if isinstance(x, dict) else (x.to(dev) if torch.is_tensor(x) else x)
+
+    batch = to_dev(batch)
+
+    def backward(loss):
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    def vanilla_response_only():
+        logits, targets, _ = response_logits(v, batch, v.image_features(batch["pixel"]))
+        backward(response_nll(logits, targets))
+
+    def vanilla_full_logits():  # what a generic causal-LM loss does: the head at every position
+        embeds = v.embed(batch["input_ids"], v.image_features(batch["pixel"]))
+        hidden, _ = v.decode(embeds, batch["attention_mask"], v.positions(batch["input_ids"], batch["attention_mask"], batch))
+        logits = v.head(hidden)[:, :-1]
+        labels = batch["labels"][:, 1:]
+        backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+
+    def stage2_terms(views, targets):
+        return (response_nll(views["plain"], targets) + response_nll(views["ep"], targets)
+                + rda_kl(views["plain"], views["ep"]) + crt(views["plain"], views["neg"], targets))  # fmt: skip
+
+    def stage2_fused():
+        views = fused_views(v, batch, core.exemplars(batch, "train"), core.collate.pad_id, negatives=True)
+        backward(stage2_terms(views, views["targets"]))
+
+    def stage2_separate():  # three forwards, each running the vision tower on its own images
+        ex = core.exemplars(batch, "train")
+        ep = insert_slots(batch, ex.shape[1], v.image_token_id, core.collate.pad_id)
+        ep_logits, targets, _ = response_logits(v, ep, v.image_features(batch["pixel"]), ex.flatten(0, 1))
+        plain, _, _ = response_logits(v, batch, v.image_features(batch["pixel"]))
+        neg, _, _ = response_logits(v, {**batch, "pixel": batch["neg_pixel"]}, v.image_features(batch["neg_pixel"]))
+        backward(stage2_terms({"ep": ep_logits, "plain": plain, "neg": neg}, targets))
+
+    @torch.no_grad()
+    def evaluate_score():
+        candidate_loglik(v, encode_prefix(v, batch), batch["cand_ids"], batch["cand_mask"])
+
+    @torch.no_grad()
+    def evaluate_generate():
+        greedy_generate(v, encode_prefix(v, batch), module.hparams.max_new_tokens, core.collate.stop_ids)
+
+    module.train()
+    results = {name: measure(fn, dev, steps) for name, fn in [
+        ("vanilla, response-only logits", vanilla_response_only),
+        ("vanilla, full logits", vanilla_full_logits),
+        ("stage 2, fused views", stage2_fused),
+        ("stage 2, three forwards", stage2_separate),
+    ]}  # fmt: skip
+    module.eval()
+    results["eval score"] = measure(evaluate_score, dev, steps)
+    results["eval generate"] = measure(evaluate_generate, dev, steps)
+
+    n_tokens = int((batch["labels"] != -100).sum())
+    print(f"vitask bench — {vlm or 'tiny:' + family}, batch {batch_size}, {image_size} px, {dev.type}, "
+          f"sequence {batch['input_ids'].shape[1]} tokens ({n_tokens} response), vocab {v.head(torch.zeros(1, v.hidden_size, device=dev)).shape[-1]}")  # fmt: skip
+    print(f"{'variant':<32}{'ms/step':>10}{'peak MiB':>10}")
+    for name, (sec, mib) in results.items():
+        print(f"{name:<32}{sec * 1e3:>10.1f}{mib:>10.1f}")
+    base_t, base_m = results["vanilla, response-only logits"]
+
+    def ratio(a, b):
+        return a / b if b > 0 else float("nan")
+
+    lines = {
+        "full / response-only logits, time": ratio(results["vanilla, full logits"][0], base_t),
+        "full / response-only logits, memory": ratio(results["vanilla, full logits"][1], base_m),
+        "stage-2 fused / vanilla, time (target <= 2.5)": ratio(results["stage 2, fused views"][0], base_t),
+        "stage-2 fused / vanilla, memory": ratio(results["stage 2, fused views"][1], base_m),
+        "three forwards / fused, time": ratio(results["stage 2, three forwards"][0], results["stage 2, fused views"][0]),
+        "three forwards / fused, memory": ratio(results["stage 2, three forwards"][1], results["stage 2, fused views"][1]),
+        "score / generate throughput": ratio(results["eval generate"][0], results["eval score"][0]),
+    }
+    print("ratios (same process, same batch):")
+    for name, value in lines.items():
+        print(f"  {name:<48}{value:>8.2f}")
+    return {"ms": {k: t * 1e3 for k, (t, _) in results.items()}, "mib": {k: m for k, (_, m) in results.items()}, "ratios": lines}

@@ -1,0 +1,1 @@
+"""MedMNIST data: catalog, files, synthetic writer, prompts, negatives, the DataModule."""
