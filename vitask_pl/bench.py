@@ -19,10 +19,12 @@ from vitask_pl.losses import crt, rda_kl, response_nll
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator peak, or on CPU the peak resident-set growth (sampled)."""
+    """Memory of one call. CUDA: the allocator's peak above the start. CPU (no allocator statistics): the bytes
+    of activations autograd saves for backward, parameters excluded, which is what the variants differ in."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, params=()):
         self.device, self.peak = device, 0
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -30,18 +32,17 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        import psutil
+        seen = set()
 
-        proc = psutil.Process()
-        self.base, self._stop = proc.memory_info().rss, False
+        def pack(t: torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen and ptr not in self.param_ptrs:
+                seen.add(ptr)
+                self.peak += t.untyped_storage().nbytes()
+            return t
 
-        def sample():
-            while not self._stop:
-                self.peak = max(self.peak, proc.memory_info().rss - self.base)
-                time.sleep(0.0005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -49,12 +50,11 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
         else:
-            self._stop = True
-            self._thread.join()
+            self._hooks.__exit__(*exc)
 
 
-def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(median seconds per call, peak memory in MiB of one call)."""
+def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2, params=()) -> tuple[float, float]:
+    """(median seconds per call, memory in MiB of one call; see :class:`PeakMemory`)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -66,7 +66,7 @@ def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: in
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, params) as mem:
         fn()
     return statistics.median(times), mem.peak / 2**20
 
@@ -166,22 +166,24 @@ def bench(
         greedy_generate(v, encode_prefix(v, batch), module.hparams.max_new_tokens, core.collate.stop_ids)
 
     module.train()
-    results = {name: measure(fn, dev, steps) for name, fn in [
+    params = list(module.parameters())
+    results = {name: measure(fn, dev, steps, params=params) for name, fn in [
         ("vanilla, response-only logits", vanilla_response_only),
         ("vanilla, full logits", vanilla_full_logits),
         ("stage 2, fused views", stage2_fused),
         ("stage 2, three forwards", stage2_separate),
     ]}  # fmt: skip
     module.eval()
-    results["eval score"] = measure(evaluate_score, dev, steps)
-    results["eval generate"] = measure(evaluate_generate, dev, steps)
+    results["eval score"] = measure(evaluate_score, dev, steps, params=params)
+    results["eval generate"] = measure(evaluate_generate, dev, steps, params=params)
 
     n_tokens = int((batch["labels"] != -100).sum())
     print(f"vitask bench — {vlm or 'tiny:' + family}, batch {batch_size}, {image_size} px, {dev.type}, "
           f"sequence {batch['input_ids'].shape[1]} tokens ({n_tokens} response), vocab {v.head(torch.zeros(1, v.hidden_size, device=dev)).shape[-1]}")  # fmt: skip
-    print(f"{'variant':<32}{'ms/step':>10}{'peak MiB':>10}")
+    memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
+    print(f"{'variant':<32}{'ms/step':>10}{memory:>11}")
     for name, (sec, mib) in results.items():
-        print(f"{name:<32}{sec * 1e3:>10.1f}{mib:>10.1f}")
+        print(f"{name:<32}{sec * 1e3:>10.1f}{mib:>11.2f}")
     base_t, base_m = results["vanilla, response-only logits"]
 
     def ratio(a, b):

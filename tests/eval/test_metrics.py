@@ -81,3 +81,10 @@ def test_invalid_answers_count_as_wrong_even_when_their_argmax_would_be_right():
     assert perfect["acc"] == pytest.approx(3 / 4)
     # class 0: one hit of two (recall 1/2, precision 1) -> 2/3; classes 1, 2 perfect; absent classes 3-6 score 0
     assert perfect["f1"] == pytest.approx((2 / 3 + 1 + 1) / 7)
+
+
+@pytest.mark.parametrize("flag", ["dermamnist", "pneumoniamnist", "chestmnist"])
+def test_auc_can_be_left_out_for_every_task_type(flag):
+    spec = dataset_specs([flag])[0]
+    probs, target, _ = random_case(spec, 20, seed=4)
+    assert "auc" not in dataset_metrics(spec, probs, target, auc=False)

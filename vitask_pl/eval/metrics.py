@@ -53,14 +53,14 @@ def dataset_metrics(
         y = target.argmax(dim=1)
         if spec.task == BINARY:
             pred = (probs[:, 1] > 0.5).long()  # MedMNIST: strict threshold on the positive class
-            auc = tmf.binary_auroc(probs[:, 1], y, thresholds=None)
+            auroc = tmf.binary_auroc(probs[:, 1], y, thresholds=None)
         else:
             pred = probs.argmax(dim=1)
-            auc = tmf.multiclass_auroc(probs, y, num_classes=c, average="macro", thresholds=None)
+            auroc = tmf.multiclass_auroc(probs, y, num_classes=c, average="macro", thresholds=None)
         out = {
             "acc": (pred == y).float().mean(),
             "f1": tmf.multiclass_f1_score(pred, y, num_classes=c, average="macro"),
-            "auc": auc,
+            "auc": auroc,
         }
     if not auc:
         out.pop("auc")

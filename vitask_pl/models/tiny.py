@@ -20,7 +20,9 @@ from vitask_pl.errors import ConfigError, suggest
 
 FAMILIES = ("internvl", "llava", "qwen2_vl", "idefics3")
 TINY_PREFIX = "tiny:"
-VERSION = "v2"  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
+VERSION = "v3"
+# `tiny:<family>` specs get this much text-only warm-up (see _pretrain_text); `vitask tiny-vlm` defaults to none.
+SPEC_PRETRAIN_STEPS = 300  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
 
 # Patches per image side at any resolution (patch = image_size // GRID): every image size gives the same
 # handful of image tokens (16 for LLaVA, 4 after the 2x2 merge of the others), which keeps 224 px runs fast.
@@ -344,7 +346,49 @@ def _widen_token_embeddings(model) -> None:
             emb.weight.normal_(0.0, 1.2 / emb.weight.shape[1] ** 0.5)
 
 
-def _write(family: str, out: Path, image_size: int, seed: int) -> tuple[str, int]:
+def _pretrain_text(model, processor, steps: int, seed: int) -> None:
+    """Language-model warm-up on VITask's own text: every instruction with every candidate response, no image.
+
+    A random language model under frozen-base LoRA learns almost nothing in a CPU-sized run (loss stays near
+    ln V), unlike the pretrained LLM inside a real VLM. A few hundred steps of next-token training on the
+    prompt corpus give the tiny model what a generalist has: the chat format and the label vocabulary, but no
+    knowledge of the images (the vision tower and projector stay random). Text-only, so nothing of the task's
+    image-label mapping leaks in.
+    """
+    import torch
+
+    from vitask_pl.data.catalog import FLAGS, dataset_specs
+    from vitask_pl.data.prompts import candidate_responses, instruction
+    from vitask_pl.models.vlm import family_of
+
+    texts = []
+    for spec in dataset_specs(FLAGS):
+        for incomplete in (False, True):
+            for answer in candidate_responses(spec):
+                turns = [{"role": "user", "content": [{"type": "text", "text": instruction(spec, incomplete=incomplete)}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]  # fmt: skip
+                texts.append(processor.apply_chat_template(turns, tokenize=False))
+    tok = processor.tokenizer
+    decoder = getattr(model.model, family_of(model.config.model_type).language)
+    params = list(decoder.parameters()) + list(model.get_output_embeddings().parameters())
+    params = list({id(p): p for p in params}.values())
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        picks = torch.randint(len(texts), (32,), generator=generator).tolist()
+        enc = tok([texts[i] for i in picks], return_tensors="pt", padding=True, add_special_tokens=False)
+        hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1]).float()
+        labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _write(family: str, out: Path, image_size: int, seed: int, pretrain_steps: int = 0) -> tuple[str, int]:
     """Build the model and processor of ``family`` and save both into ``out``; returns (class name, parameters)."""
     import torch
 
@@ -354,6 +398,8 @@ def _write(family: str, out: Path, image_size: int, seed: int) -> tuple[str, int
     model, processor = recipe.build(tok, image_size)
     _widen_token_embeddings(model)
     processor.chat_template = recipe.chat_template
+    if pretrain_steps:
+        _pretrain_text(model, processor, pretrain_steps, seed)
     # generate() stops at the end-of-turn token and pads with pad, as the real chat checkpoints do.
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -392,29 +438,34 @@ def _overwrite_error(out: Path) -> ConfigError:
     return ConfigError(f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out.")
 
 
-def _build(family: str, out: Path, image_size: int, seed: int, replace: bool) -> bool:
+def _build(family: str, out: Path, image_size: int, seed: int, replace: bool, pretrain_steps: int = 0) -> bool:
     """Build into a temporary sibling of ``out`` and rename it into place, so ``out`` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
     try:
-        name, n_params = _write(family, tmp, image_size, seed)
+        name, n_params = _write(family, tmp, image_size, seed, pretrain_steps)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not _publish(tmp, out, replace):
         return False
-    print(f"tiny-vlm: wrote {family} ({name}, {n_params:,} parameters, {image_size} px, seed {seed}) to {out}")
+    warm = f", {pretrain_steps} text warm-up steps" if pretrain_steps else ""
+    print(f"tiny-vlm: wrote {family} ({name}, {n_params:,} parameters, {image_size} px, seed {seed}{warm}) to {out}")
     return True
 
 
-def build_tiny_vlm(family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False) -> str:
-    """Build a random-weight ``family`` VLM with its real processor and save it to ``out``; returns ``out``."""
+def build_tiny_vlm(
+    family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False, pretrain_steps: int = 0
+) -> str:
+    """Build a random-weight ``family`` VLM with its real processor and save it to ``out``; returns ``out``.
+
+    ``pretrain_steps`` > 0 warms its language model up on the prompt text (see :func:`_pretrain_text`)."""
     _check(family, image_size)
     path = Path(out).expanduser()
     if _is_nonempty(path) and not force:
         raise _overwrite_error(path)
-    if not _build(family, path, image_size, seed, replace=force):
+    if not _build(family, path, image_size, seed, replace=force, pretrain_steps=pretrain_steps):
         raise _overwrite_error(path)  # another process wrote ``out`` while this one was building
     return str(path)
 
@@ -426,7 +477,8 @@ def tiny_cache_dir() -> Path:
 
 
 def resolve_tiny(spec: str, image_size: int = 28, *, option: str = "--family") -> str:
-    """``"tiny:<family>"`` -> its cached directory, built there on first use (seed 0); other specs unchanged.
+    """``"tiny:<family>"`` -> its cached directory, built there on first use (seed 0, with the text warm-up of
+    ``SPEC_PRETRAIN_STEPS`` steps, so offline runs can learn); other specs unchanged.
 
     ``option`` is the flag the spec came from, named in the error for an unknown family.
     """
@@ -437,11 +489,13 @@ def resolve_tiny(spec: str, image_size: int = 28, *, option: str = "--family") -
     target = tiny_cache_dir() / f"{family}-{image_size}px-{VERSION}"
     # Builds are published by rename, so a directory here is complete; a racing build that loses is discarded.
     if not _is_nonempty(target):
-        _build(family, target, image_size, seed=0, replace=False)
+        _build(family, target, image_size, seed=0, replace=False, pretrain_steps=SPEC_PRETRAIN_STEPS)
     return str(target)
 
 
-def tiny_vlm(family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False) -> str:
+def tiny_vlm(
+    family: str, out: str, image_size: int = 28, seed: int = 0, force: bool = False, pretrain_steps: int = 0
+) -> str:
     """Build a tiny random-weight VLM of a real transformers class, for offline tests and smoke runs.
 
     The model has the family's real model and processor classes, chat template and special tokens, with
@@ -454,8 +508,10 @@ def tiny_vlm(family: str, out: str, image_size: int = 28, seed: int = 0, force: 
         image_size: Input image size in pixels (a multiple of 4, e.g. 28, 64, 128, 224).
         seed: Seed of the random weights.
         force: Overwrite --out if it exists and is not empty.
+        pretrain_steps: Text-only warm-up steps of the language model on the VITask prompts (0: random weights;
+            `tiny:<family>` specs use 300 so that offline runs can learn).
 
     Returns:
         The directory written.
     """
-    return build_tiny_vlm(family, out, image_size=image_size, seed=seed, force=force)
+    return build_tiny_vlm(family, out, image_size=image_size, seed=seed, force=force, pretrain_steps=pretrain_steps)
