@@ -34,7 +34,8 @@ test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install  ## run the offline demo on synthetic data and print its results
-	bash scripts/demo.sh
+	$(VENV)/bin/vitask pipeline --config configs/pipeline/demo.yaml
+	@echo "report: runs/demo/report.md (results.json and plots in runs/demo/)"
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check vitask_pl tests

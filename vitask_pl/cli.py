@@ -19,7 +19,11 @@ TOOLS = {
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
     "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
     "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),
+    "pipeline": ("vitask_pl.pipeline:pipeline", "the whole method: TSM -> vanilla -> EP -> RDA+CRT -> evaluation -> report"),
+    "report": ("vitask_pl.report:report", "regenerate results.json, report.md and plots of a pipeline run"),
 }
+
+POSITIONAL = {"report"}  # `vitask report RUN_DIR`; the other tools take --options only
 
 HELP = """usage: vitask <command> [options]
 
@@ -94,7 +98,7 @@ def _run_tool(name: str, argv: list[str]) -> None:
     flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
     argv = [f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
             for i, a in enumerate(argv)]  # fmt: skip
-    CLI(fn, args=argv, prog=f"vitask {name}", as_positional=False)
+    CLI(fn, args=argv, prog=f"vitask {name}", as_positional=name in POSITIONAL)
 
 
 def _user_error(err: BaseException | None) -> UserError | None:

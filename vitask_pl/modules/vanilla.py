@@ -17,8 +17,10 @@ from vitask_pl.modules.vlm_parts import (
     keep_adapters,
     log_test,
     log_validation,
+    predict_rows,
     response_logits,
     token_denominator,
+    write_stage_predictions,
 )
 
 DEFAULT_VLM = "OpenGVLab/InternVL3-1B-hf"  # HF-native InternVL closest to the paper's InternVL2-2B (README)
@@ -92,6 +94,16 @@ class VanillaInstructionTuning(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluation.update(self.vlm, batch, "test", "wo_ep", self.test_protocols, self.collate.tokenizer)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        probs = self.evaluation.update(self.vlm, batch, "test", "wo_ep", ["score"], self.collate.tokenizer)
+        self._predictions.extend(predict_rows(self.specs, batch, {"wo_ep": probs}))
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions: list[dict] = []
+
+    def on_predict_epoch_end(self) -> None:
+        write_stage_predictions(self, self._predictions)
 
     def on_validation_epoch_end(self) -> None:
         log_validation(self, self.evaluation.compute("val"), self.val_protocols[0])

@@ -11,13 +11,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from vitask_pl.data.catalog import dataset_specs, resolve_flags
 from vitask_pl.data.chat import ChatBatch
 from vitask_pl.errors import ConfigError
-from vitask_pl.eval.results import log_dir, write_predictions
 from vitask_pl.losses import crt, rda_kl, response_nll
 from vitask_pl.models.exemplar import TSMConnector, insert_slots
 from vitask_pl.models.vlm import LoraSettings, build_vlm
@@ -32,7 +30,9 @@ from vitask_pl.modules.vlm_parts import (
     keep_adapters,
     log_test,
     log_validation,
+    predict_rows,
     token_denominator,
+    write_stage_predictions,
 )
 
 MODES = ("wo_ep", "w_ep")
@@ -119,32 +119,6 @@ def _check_connector(core: VITaskCore, state: dict, source: str) -> None:
             f"--model.init_args.tsm_ckpt: {core.source.tsm_ckpt} gives {core.source.width}-wide features but the "
             f"connector in {source} was trained on {state[key].shape[1]}-wide ones; a plug-in TSM needs the same width."
         )
-
-
-def _predict_rows(core: VITaskCore, batch: dict, probs: dict) -> list[dict]:
-    """One CSV row per sample and mode: dataset, index, label, prediction and the class probabilities (score)."""
-    rows = []
-    for b, (d, i) in enumerate(zip(batch["dataset"].tolist(), batch["index"].tolist())):
-        spec = core.specs[d]
-        cols = slice(spec.offset, spec.offset + spec.num_classes)
-        for mode, by_protocol in probs.items():
-            p = by_protocol["score"][b, cols]
-            pred = (p > 0.5).nonzero()[:, 0].tolist() if spec.multi_label else [int(p.argmax())]
-            truth = batch["targets"][b, cols].nonzero()[:, 0].tolist()
-            rows.append({
-                "dataset": spec.flag, "index": i, "mode": mode,
-                "label": "; ".join(spec.labels[k] for k in truth) or "no finding",
-                "prediction": "; ".join(spec.labels[k] for k in pred) or "no finding",
-                **{f"p[{name}]": round(float(v), 6) for name, v in zip(spec.labels, p.tolist())},
-            })  # fmt: skip
-    return rows
-
-
-def _write_predictions(module: L.LightningModule, rows: list[dict]) -> None:
-    trainer = module.trainer
-    name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
-    path = write_predictions(log_dir(trainer) / name, rows)
-    rank_zero_info(f"{len(rows)} predictions written to {path}")
 
 
 def _load_init(module: L.LightningModule, path: str) -> None:
@@ -242,13 +216,13 @@ class ExemplarPromptTuning(L.LightningModule):
         self.core.evaluate(batch, "test", self.core.test_protocols)
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
-        self._predictions.extend(_predict_rows(self.core, batch, self.core.evaluate(batch, "test", ["score"])))
+        self._predictions.extend(predict_rows(self.core.specs, batch, self.core.evaluate(batch, "test", ["score"])))
 
     def on_predict_epoch_start(self) -> None:
         self._predictions: list[dict] = []
 
     def on_predict_epoch_end(self) -> None:
-        _write_predictions(self, self._predictions)
+        write_stage_predictions(self, self._predictions)
 
     def on_validation_epoch_end(self) -> None:
         log_validation(self, self.core.evaluation.compute("val"), self.core.val_protocols[0])
@@ -260,7 +234,8 @@ class ExemplarPromptTuning(L.LightningModule):
         keep_adapters(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        _check_connector(self.core, checkpoint["state_dict"], "the checkpoint")
+        # DeepSpeed restores the weights itself and hands this hook only its client state, without "state_dict"
+        _check_connector(self.core, checkpoint.get("state_dict", {}), "the checkpoint")
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.parameters(), self.optimizer, self.scheduler, self.warmup_ratio)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from vitask_pl.data.catalog import DatasetSpec
@@ -23,7 +24,7 @@ from vitask_pl.eval.protocols import (
     greedy_generate,
     score_to_probs,
 )
-from vitask_pl.eval.results import flatten, publish
+from vitask_pl.eval.results import flatten, log_dir, publish, write_predictions
 from vitask_pl.models.exemplar import insert_slots
 from vitask_pl.models.vlm import IGNORE, VLM, gather_response
 
@@ -166,3 +167,29 @@ def log_validation(module: L.LightningModule, results: dict, protocol: str) -> N
 def log_test(module: L.LightningModule, results: dict) -> None:
     module.log_dict(flatten(results, "test"))
     publish(module.trainer, results)
+
+
+def predict_rows(specs, batch: dict, probs: dict) -> list[dict]:
+    """One CSV row per sample and mode: dataset, index, label, prediction and the class probabilities (score)."""
+    rows = []
+    for b, (d, i) in enumerate(zip(batch["dataset"].tolist(), batch["index"].tolist())):
+        spec = specs[d]
+        cols = slice(spec.offset, spec.offset + spec.num_classes)
+        for mode, by_protocol in probs.items():
+            p = by_protocol["score"][b, cols]
+            pred = (p > 0.5).nonzero()[:, 0].tolist() if spec.multi_label else [int(p.argmax())]
+            truth = batch["targets"][b, cols].nonzero()[:, 0].tolist()
+            rows.append({
+                "dataset": spec.flag, "index": i, "mode": mode,
+                "label": "; ".join(spec.labels[k] for k in truth) or "no finding",
+                "prediction": "; ".join(spec.labels[k] for k in pred) or "no finding",
+                **{f"p[{name}]": round(float(v), 6) for name, v in zip(spec.labels, p.tolist())},
+            })  # fmt: skip
+    return rows
+
+
+def write_stage_predictions(module: L.LightningModule, rows: list[dict]) -> None:
+    trainer = module.trainer
+    name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
+    path = write_predictions(log_dir(trainer) / name, rows)
+    rank_zero_info(f"{len(rows)} predictions written to {path}")

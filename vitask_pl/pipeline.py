@@ -1,0 +1,176 @@
+"""``vitask pipeline``: the whole method under one run directory.
+
+TSM -> vanilla instruction tuning (baseline) -> stage 1 (EP) -> stage 2 (RDA+CRT) [-> ablations], each a
+``vitask fit`` followed by its evaluations (``test`` in every mode and protocol, ``predict``, the
+incomplete-instruction test, and the positive/negative response probabilities of Fig. 3). Checkpoints chain
+automatically. A finished stage leaves ``done.json``; a stage whose ``done.json`` and files exist is skipped,
+so an interrupted pipeline continues where it stopped. ``--seeds N`` repeats it and the report gives mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vitask_pl.errors import ConfigError
+
+STAGES = {  # stage -> (config name, evaluations after fit)
+    "tsm": ("tsm", ()),
+    "vanilla": ("vanilla", ("predict", "incomplete", "contrast")),
+    "ep": ("ep", ("predict", "contrast")),
+    "rda_crt": ("rda_crt", ("predict", "incomplete", "contrast")),
+    "rda_only": ("rda_crt", ()),
+    "crt_only": ("rda_crt", ()),
+}
+ABLATIONS = {"rda_only": {"model.init_args.beta": 0}, "crt_only": {"model.init_args.alpha": 0}}
+
+
+def cli_args(overrides: dict) -> list[str]:
+    """``{"trainer.max_epochs": 2}`` -> ``["--trainer.max_epochs", "2"]`` (lists and dicts as JSON)."""
+    args = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            value = json.dumps(value)
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _run(args: list[str], run: bool = True):
+    from vitask_pl.cli import build_cli
+
+    return build_cli(args, run=run)
+
+
+def _valid(record_path: Path) -> dict | None:
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    files = [record.get("checkpoint"), record.get("metrics"), *record.get("files", [])]
+    return record if all(f and Path(f).exists() for f in files) else None
+
+
+def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict, seed: int) -> dict:
+    """Fit one stage, evaluate it, and record what it produced in ``done.json``; skip if already done."""
+    stage_dir = seed_dir / name
+    record_path = stage_dir / "done.json"
+    if (record := _valid(record_path)) is not None:
+        print(f"[pipeline] {seed_dir.name}/{name}: done earlier, skipped ({record_path})")
+        return record
+    config, evaluations = STAGES[name]
+    base = [*config_args, *cli_args(overrides), "--trainer.default_root_dir", str(stage_dir), "--seed_everything", str(seed)]
+    times, record = {}, {"stage": name, "seed": seed, "files": []}
+    print(f"[pipeline] {seed_dir.name}/{name}: fit")
+    start = time.monotonic()
+    fit = _run(["fit", *base])
+    times["fit"] = time.monotonic() - start
+    callback = fit.trainer.checkpoint_callback
+    ckpt = callback.best_model_path if name == "tsm" and callback.best_model_path else callback.last_model_path
+    record.update(checkpoint=ckpt, train_log=str(Path(fit.trainer.log_dir) / "metrics.csv"))
+    start = time.monotonic()
+    tested = _run(["test", *base, "--ckpt_path", ckpt])
+    record["metrics"] = str(Path(tested.trainer.log_dir) / "metrics.json")
+    if "predict" in evaluations:
+        predicted = _run(["predict", *base, "--ckpt_path", ckpt])
+        record["predictions"] = str(Path(predicted.trainer.log_dir) / "predictions.csv")
+        record["files"].append(record["predictions"])
+    if "incomplete" in evaluations:
+        incomplete = _run(["test", *base, "--data.incomplete_instruction", "true", "--ckpt_path", ckpt])
+        record["metrics_incomplete"] = str(Path(incomplete.trainer.log_dir) / "metrics.json")
+        record["files"].append(record["metrics_incomplete"])
+    if "contrast" in evaluations:
+        record["contrast"] = str(stage_dir / "contrast.pt")
+        torch.save(_contrast(base, ckpt), record["contrast"])
+        record["files"].append(record["contrast"])
+    times["evaluate"] = time.monotonic() - start
+    record["wall_time_s"] = times
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _contrast(base: list[str], ckpt: str) -> dict:
+    """Fig. 3 data: per-sample mean response-token probability with the own vs a different-label image."""
+    from vitask_pl.eval.contrast import response_probabilities
+
+    built = _run(base, run=False)
+    module, datamodule = built.model, built.datamodule
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    module.eval()
+    vlm = module.vlm if hasattr(module, "vlm") else module.core.vlm
+    datamodule.setup("test")
+    loader = datamodule.loader("test", module.collate, negatives=True)
+    return response_probabilities(vlm, loader)
+
+
+def pipeline(
+    name: str = "demo",
+    runs_root: str = "runs",
+    configs: str = "configs",
+    overlay: str | None = "offline",
+    synthesize: dict | None = None,
+    common: dict | None = None,
+    stages: dict[str, dict] | None = None,
+    ablations: bool = False,
+    seeds: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Run TSM -> vanilla IT -> stage 1 (EP) -> stage 2 (RDA+CRT) [-> ablations] and write the report.
+
+    Args:
+        name: run name; everything goes under ``{runs_root}/{name}``.
+        runs_root: folder of runs.
+        configs: folder of the stage configs (``tsm.yaml``, ``vanilla.yaml``, ``ep.yaml``, ``rda_crt.yaml``).
+        overlay: sub-folder of ``configs`` with overlays of the same names (``offline``), or ``null``.
+        synthesize: ``{root, per_class, size}``: write synthetic MedMNIST files there first if missing.
+        common: overrides for every stage, dotted keys (``{data.root: data/synthetic, data.datasets: all}``).
+        stages: per-stage overrides, ``{tsm: {trainer.max_epochs: 4}, vanilla: {...}, ep: {...}, rda_crt: {...}}``.
+        ablations: also run the paper's Table 2 rows: stage 2 with RDA only (beta 0) and CRT only (alpha 0).
+        seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
+        seed: first seed.
+    """
+    from vitask_pl.report import report
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds}; use 1 or more.")
+    run_dir = Path(runs_root) / name
+    stages = stages or {}
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}.")
+    if synthesize:
+        _ensure_synthetic(**synthesize)
+    order = ["tsm", "vanilla", "ep", "rda_crt"] + (list(ABLATIONS) if ablations else [])
+    start = time.monotonic()
+    for k in range(seeds):
+        seed_dir = run_dir / f"seed{seed + k}"
+        records = {}
+        for stage in order:
+            config = STAGES[stage][0]
+            config_args = ["--config", str(Path(configs) / f"{config}.yaml")]
+            if overlay:
+                config_args += ["--config", str(Path(configs) / overlay / f"{config}.yaml")]
+            overrides = {**(common or {}), **stages.get(config, {}), **stages.get(stage, {}), **ABLATIONS.get(stage, {})}
+            if stage not in ("tsm", "vanilla"):  # checkpoints chain: TSM -> both VITask stages, stage 1 -> stage 2
+                overrides["model.init_args.tsm_ckpt"] = records["tsm"]["checkpoint"]
+            if stage in ("rda_crt", *ABLATIONS):
+                overrides["model.init_args.init_from"] = records["ep"]["checkpoint"]
+            records[stage] = run_stage(stage, seed_dir, config_args, overrides, seed + k)
+    (run_dir / "pipeline.json").write_text(json.dumps({"name": name, "seeds": [seed + k for k in range(seeds)],
+                                                       "ablations": ablations, "wall_time_s": time.monotonic() - start,
+                                                       "synthetic": bool(synthesize)}, indent=2) + "\n")  # fmt: skip
+    report(str(run_dir))
+    return run_dir
+
+
+def _ensure_synthetic(root: str = "data/synthetic", per_class: int = 30, size: int = 28, seed: int = 0) -> None:
+    from vitask_pl.data.catalog import FLAGS
+    from vitask_pl.data.files import npz_path
+    from vitask_pl.data.synth import synthesize
+
+    missing = [f for f in FLAGS if not npz_path(root, f, size).is_file()]
+    if missing:
+        synthesize(root, missing, size=size, per_class=per_class, seed=seed)
