@@ -224,10 +224,10 @@ def test_uncached_hub_id_offline_fails_fast_and_suggests_tiny(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(OfflineError) as err:
-        build_vlm("OpenGVLab/InternVL3-1B-hf", lora=LORA)
+        build_vlm("OpenGVLab/InternVL3-2B-hf", lora=LORA)
     assert time.monotonic() - start < 5
     message = str(err.value)
-    assert "OpenGVLab/InternVL3-1B-hf" in message and "tiny:" in message and "\n" not in message
+    assert "OpenGVLab/InternVL3-2B-hf" in message and "tiny:" in message and "\n" not in message
 
 
 def test_tiny_spec_resolves_through_the_cache(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from vitask_pl.modules.vlm_parts import (
     write_stage_predictions,
 )
 
-DEFAULT_VLM = "OpenGVLab/InternVL3-1B-hf"  # HF-native InternVL closest to the paper's InternVL2-2B (README)
+DEFAULT_VLM = "OpenGVLab/InternVL3-2B-hf"  # HF-native (no remote code) InternVL closest to the paper's InternVL2-2B: InternViT-300M + Qwen2.5-1.5B
 
 
 class VanillaInstructionTuning(L.LightningModule):
