@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub name must fail at once, never retry for minutes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lightning  # noqa: E402, F401  (imported at collection: its log handler must bind the real stderr, not a test's capture)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -13,7 +13,7 @@ from vitask_pl.cli import build_cli, main
 from .conftest import SMALL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "strategy" not in p.parts)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"strategy", "pipeline"} & set(p.parts))
 TINY_TSM = ["--model.init_args.backbone", "resnet18", "--trainer.max_epochs", "1", "--data.num_workers", "0",
             "--trainer.enable_progress_bar", "false", "--data.max_samples", "16"]  # fmt: skip
 
@@ -47,6 +47,13 @@ def test_every_shipped_config_parses(config, capsys, synth_root):
     code, out, err = run([*argv, "--print_config"], capsys)
     assert code == 0, err
     assert "class_path" in out
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_pipeline_configs_parse(config, capsys):
+    code, out, err = run(["pipeline", "--config", str(config), "--print_config"], capsys)
+    assert code == 0, err
+    assert "stages:" in out and "rda_crt:" in out
 
 
 def test_links_fill_model_from_data(synth_root):

@@ -107,6 +107,10 @@ def _setup_features(module: L.LightningModule, core: VITaskCore, stage: str) -> 
                           "feature_cache: false to run the TSM on each batch instead.")  # fmt: skip
     splits = _STAGE_SPLITS.get(stage, ("train", "val", "test"))
     if module.trainer.is_global_zero:
+        # setup() runs before the strategy moves the model, so the TSM is still on the CPU: extract on the
+        # accelerator (the strategy would move it there next anyway), or a paper-size build takes hours and the
+        # other ranks' barrier times out (30 min). Tables stay on module.device, the CPU in a first setup.
+        core.source.tsm.to(module.trainer.strategy.root_device)
         core.source.prepare(datamodule.root, splits, module.device)
     module.trainer.strategy.barrier()
     core.source.prepare(datamodule.root, splits, module.device)
