@@ -102,6 +102,7 @@ def tiny_tsm_checkpoint(path: Path) -> str:
 
     from vitask_pl.modules.tsm import TSMModule
 
+    torch.manual_seed(0)
     module = TSMModule("vit_tiny_patch16_224", datasets=FLAGS, image_size=28,
                        backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)

@@ -99,6 +99,14 @@ def bench(
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
         vlm: a VLM spec (hub id, directory, ``tiny:<family>``) instead of the tiny ``family``.
     """
+
+    flags = datasets or ["dermamnist", "chestmnist", "bloodmnist", "pneumoniamnist"]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    with tempfile.TemporaryDirectory(prefix="vitask-bench-") as tmp:  # data and TSM checkpoint of this run only
+        return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm)
+
+
+def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int, flags: list[str], dev, vlm) -> dict:
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.data.synth import synthesize
     from vitask_pl.eval.protocols import candidate_loglik, encode_prefix, greedy_generate
@@ -106,9 +114,6 @@ def bench(
     from vitask_pl.modules.vitask import ExemplarPromptTuning
     from vitask_pl.modules.vlm_parts import fused_views, response_logits
 
-    flags = datasets or ["dermamnist", "chestmnist", "bloodmnist", "pneumoniamnist"]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    tmp = Path(tempfile.mkdtemp(prefix="vitask-bench-"))
     synthesize(tmp, flags, image_size, per_class=4, seed=0)
     dm = MedMNISTDataModule(str(tmp), flags, image_size, num_workers=0)
     module = ExemplarPromptTuning(

@@ -113,6 +113,7 @@ def _user_error(err: BaseException | None) -> UserError | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in TOOLS.items())
     try:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         elif argv[0] in TOOLS:
             _run_tool(argv[0], argv[1:])
         elif argv[0] in TRAINER_COMMANDS:
-            build_cli(argv)
+            build_cli(None if from_command_line else argv)  # LightningCLI warns when given both
         else:
             groups = sorted({n.split()[0] for n in TOOLS} | set(TRAINER_COMMANDS))
             print(f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "

@@ -92,7 +92,7 @@ def greedy_generate(vlm: VLM, prefix: Prefix, max_new_tokens: int, stop_ids: Seq
     for step in range(max_new_tokens):
         done = done | torch.isin(token, stop)
         out.append(token.masked_fill(done, -1))
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if _all_ranks(bool(done.all())) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         embeds = vlm.model.get_input_embeddings()(token[:, None])
@@ -101,6 +101,15 @@ def greedy_generate(vlm: VLM, prefix: Prefix, max_new_tokens: int, stop_ids: Seq
         token = vlm.head(hidden[:, -1]).argmax(dim=-1)
     tokens = torch.stack(out, dim=1).tolist()
     return [[t for t in row if t >= 0] for row in tokens]
+
+
+def _all_ranks(flag: bool) -> bool:
+    """``flag`` on every rank: under FSDP/ZeRO-3 each decoding step gathers weights, so ranks stop together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor(float(flag), device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def score_to_probs(

@@ -76,9 +76,13 @@ class TaskSpecificModel(nn.Module):
         self.normalize = ImageNormalizer(cfg["mean"], cfg["std"], in_chans=cfg["input_size"][0])
         self.num_features = self.backbone.num_features
 
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, then match the backbone's dtype (bf16-true / DeepSpeed bf16 cast the weights)
+        return self.normalize(images).to(next(self.backbone.parameters()).dtype)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> pooled pre-logits feature ``(B, D)`` (the CLS token for a ViT)."""
-        return self.backbone(self.normalize(images))
+        return self.backbone(self._inputs(images))
 
     def features(self, images: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
         """``pooled``: ``(B, D)``; ``patch``: ``(B, T, D)`` tokens (ViT) or flattened feature map (CNN)."""
@@ -86,7 +90,7 @@ class TaskSpecificModel(nn.Module):
             return self(images)
         if kind != "patch":
             raise ConfigError(f"feature kind {kind!r} is not one of {FEATURE_KINDS}.")
-        tokens = self.backbone.forward_features(self.normalize(images))
+        tokens = self.backbone.forward_features(self._inputs(images))
         if tokens.ndim == 4:  # CNN feature map (B, C, H, W)
             return tokens.flatten(2).transpose(1, 2)
         return tokens[:, getattr(self.backbone, "num_prefix_tokens", 0) :]

@@ -171,6 +171,9 @@ def freeze_and_add_lora(model: nn.Module, family: Family, lora: LoraSettings) ->
     model.requires_grad_(False)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names, bias="none")
     inject_adapter_in_model(config, model)  # in place: module paths stay those of transformers
+    for param in model.parameters():
+        if param.requires_grad:  # peft creates LoRA in the base's dtype; bf16 optimizer updates would underflow
+            param.data = param.data.float()
     return names
 
 
@@ -283,7 +286,7 @@ def gather_response(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 def build_vlm(
     spec: str,
     *,
-    lora: LoraSettings,
+    lora: LoraSettings | dict,
     image_size: int = 28,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
@@ -291,6 +294,8 @@ def build_vlm(
     trust_remote_code: bool = False,
 ):
     """Load, freeze, add LoRA: ``(VLM, processor)`` ready for any VITask stage."""
+    if isinstance(lora, dict):  # checkpoints store the settings as a plain dict (weights_only loading)
+        lora = LoraSettings(**lora)
     model, processor, family = load_vlm(
         spec, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
         image_size=image_size,

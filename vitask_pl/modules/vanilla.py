@@ -17,6 +17,7 @@ from vitask_pl.modules.vlm_parts import (
     keep_adapters,
     log_test,
     log_validation,
+    plain_hparams,
     predict_rows,
     response_logits,
     token_denominator,
@@ -71,6 +72,7 @@ class VanillaInstructionTuning(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        plain_hparams(self)
         self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
         self.val_protocols = check_protocols(val_protocols or ["score"], "--model.init_args.val_protocols")
         self.test_protocols = check_protocols(test_protocols or ["score", "generate"], "--model.init_args.test_protocols")

@@ -30,6 +30,7 @@ from vitask_pl.modules.vlm_parts import (
     keep_adapters,
     log_test,
     log_validation,
+    plain_hparams,
     predict_rows,
     token_denominator,
     write_stage_predictions,
@@ -196,6 +197,7 @@ class ExemplarPromptTuning(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        plain_hparams(self)
         given = dict(locals())  # outside the comprehension: there, locals() is the comprehension's own scope
         loss_args = ("self", "__class__", "alpha", "rda_direction", "rda_temperature", "optimizer", "scheduler", "warmup_ratio")
         core_args = {k: v for k, v in given.items() if k not in loss_args}
@@ -299,6 +301,7 @@ class RDACRTTuning(ExemplarPromptTuning):
         args = {k: v for k, v in given.items() if k not in ("self", "__class__", "stage", "init_from", "beta")}
         super().__init__(**args)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        plain_hparams(self)
         self.loss_weights["beta"] = beta
         _load_init(self, init_from)
         self.core.connector.requires_grad_(False)  # stage 2 trains LoRA only; the connector keeps stage 1's mapping

@@ -100,6 +100,15 @@ def check_protocols(protocols: Sequence[str], option: str) -> list[str]:
     return list(protocols)
 
 
+def plain_hparams(module: L.LightningModule) -> None:
+    """Store dataclass settings as dicts, so a checkpoint made from Python loads with ``weights_only=True``."""
+    import dataclasses
+
+    for key, value in module.hparams.items():
+        if dataclasses.is_dataclass(value):
+            module.hparams[key] = dataclasses.asdict(value)
+
+
 def is_adapter(key: str) -> bool:
     """LoRA weights and the VITask TSM connector (not Idefics3's own ``connector``, which is the frozen base)."""
     return "lora_" in key or key.startswith("core.connector.")
