@@ -173,6 +173,29 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
     return written
 
 
+def _reading(results: dict, records: dict) -> list[str]:
+    """Plain statements of the measured differences; no judgement beyond the numbers."""
+    import torch
+
+    rows, out = results["rows"], []
+
+    def avg(row: str, metric: str = "acc") -> float | None:
+        return rows[row]["avg"][metric]["mean"] if row in rows and metric in rows[row]["avg"] else None
+
+    base = avg("Vanilla IT")
+    for row in ("VITask w/ EP", "VITask w/o EP", "Stage 1 (EP) w/ EP"):
+        if base is not None and avg(row) is not None:
+            out.append(f"- {row} vs vanilla IT: {avg(row) - base:+.3f} ACC, "
+                       f"{avg(row, 'f1') - avg('Vanilla IT', 'f1'):+.3f} macro-F1 (12-dataset average).")  # fmt: skip
+    first = records[sorted(records)[0]]
+    for stage, name in (("ep", "stage 1"), ("rda_crt", "stage 2")):
+        if stage in first and "contrast" in first[stage]:
+            data = torch.load(first[stage]["contrast"], weights_only=True)
+            gap = float((data["pos"] - data["neg"]).mean())
+            out.append(f"- Mean response-token probability, own image minus a different-label image, after {name}: {gap:+.4f}.")
+    return out
+
+
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
@@ -246,6 +269,7 @@ def report(run_dir: str) -> Path:
         for label, table in results["generate"].items():
             avg = table["avg"]
             lines.append(f"| {label} | {_fmt(avg['acc'], n_seeds)} | {_fmt(avg['f1'], n_seeds)} | {_fmt(avg['invalid'], n_seeds)} |")
+    lines += ["", "## Reading", ""] + _reading(results, records)
     lines += ["", "## For comparison: the paper's Table 1 (real MedMNIST test sets, real models, 12-dataset average)", "",
               "These are **the paper's numbers**, not ours: what a full run on real data with InternVL2-2B should approach.", "",
               "| paper row | ACC | macro-F1 |", "|---|---|---|"]  # fmt: skip
