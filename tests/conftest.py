@@ -19,6 +19,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices: with several threads on a busy 2-core machine, OpenMP spinning costs 100x the maths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Freshly built random-weight tiny VLMs of every family (not the warmed `tiny:` cache)."""
+    from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny_vlm(f, str(root / f)) for f in FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """Synthetic MedMNIST files at 28 px for four datasets covering every task type and both channel counts."""

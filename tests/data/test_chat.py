@@ -12,27 +12,12 @@ from vitask_pl.data.chat import ChatBatch, messages, rgb
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.data.prompts import NO_FINDING, candidate_responses
 from vitask_pl.errors import ConfigError
-from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
+from vitask_pl.models.tiny import FAMILIES
 from vitask_pl.models.vlm import IGNORE
 
 # Written out, not read from the code under test: the token each family's chat template ends a turn with.
 END_OF_TURN = {"internvl": "<|im_end|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 FLAGS = ["dermamnist", "chestmnist"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: with several threads on a busy 2-core machine, OpenMP spinning costs 100x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: build_tiny_vlm(f, str(root / f)) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

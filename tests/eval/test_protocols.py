@@ -29,15 +29,6 @@ FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist"]
 END_OF_TURN = {"internvl": "<|im_end|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: with several threads on a busy 2-core machine, OpenMP spinning costs 100x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sharpen(model: torch.nn.Module, seed: int = 0) -> None:
     """Redraw every matrix (LoRA's too, so the adapters take part) at a large scale: the default init predicts an
     almost uniform distribution, where a wrong position or a stale cache entry would hide below any tolerance."""

@@ -14,7 +14,7 @@ from vitask_pl.data.chat import ChatBatch
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
 from vitask_pl.losses import response_nll
-from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
+from vitask_pl.models.tiny import FAMILIES
 from vitask_pl.models.vlm import IGNORE, LoraSettings, build_vlm, freeze_and_add_lora, load_vlm
 from vitask_pl.modules.vlm_parts import response_logits
 
@@ -25,21 +25,6 @@ VISION = {"internvl": "vision_tower", "llava": "vision_tower", "qwen2_vl": "visu
 PROJECTOR = {"internvl": "multi_modal_projector", "llava": "multi_modal_projector", "qwen2_vl": "visual.merger",
              "idefics3": "connector"}  # fmt: skip
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: with several threads on a busy 2-core machine, OpenMP spinning costs 100x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: build_tiny_vlm(f, str(root / f)) for f in FAMILIES}
 
 
 def sharpen(model: torch.nn.Module, seed: int = 0) -> None:

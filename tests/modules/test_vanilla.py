@@ -22,15 +22,6 @@ FLAGS = ["dermamnist", "chestmnist"]
 # `connector`, which keep_adapters' "connector." marker (meant for the TSM connector) also keeps.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: with several threads on a busy 2-core machine, OpenMP spinning costs 100x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def common_args(model_dir, root_dir, synth_root) -> list[str]:
     return ["--config", str(ROOT / "configs/vanilla.yaml"), "--config", str(ROOT / "configs/offline/vanilla.yaml"),
             "--model.init_args.vlm", str(model_dir), "--trainer.default_root_dir", str(root_dir),

@@ -263,43 +263,13 @@ class RDACRTTuning(ExemplarPromptTuning):
 
     needs_negatives = True
 
-    def __init__(
-        self,
-        init_from: str | None = None,
-        beta: float = 1.0,
-        tsm_ckpt: str | None = None,
-        vlm: str = DEFAULT_VLM,
-        datasets: list[str] | None = None,
-        image_size: int = 28,
-        lora: LoraSettings | None = None,
-        exemplar_tokens: int = 1,
-        feature_kind: str = "pooled",
-        feature_cache: bool = True,
-        cache_dir: str | None = None,
-        alpha: float = 1.0,
-        rda_direction: str = "reverse",
-        rda_temperature: float = 1.0,
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-        max_length: int = 2048,
-        processor_kwargs: dict | None = None,
-        val_protocols: list[str] | None = None,
-        test_protocols: list[str] | None = None,
-        max_new_tokens: int = 24,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        warmup_ratio: float = 0.03,
-    ):
+    def __init__(self, init_from: str | None = None, beta: float = 1.0, **kwargs):
         stage = "stage 2 (RDA+CRT)"
-        require(tsm_ckpt, "--model.init_args.tsm_ckpt", stage, TSM_COMMAND)
+        require(kwargs.get("tsm_ckpt"), "--model.init_args.tsm_ckpt", stage, TSM_COMMAND)
         require(init_from, "--model.init_args.init_from", stage, STAGE1_COMMAND)
-        if beta < 0 or alpha < 0:
-            raise ConfigError(f"--model.init_args.alpha/beta: {alpha}/{beta}; loss weights must be >= 0.")
-        given = dict(locals())
-        args = {k: v for k, v in given.items() if k not in ("self", "__class__", "stage", "init_from", "beta")}
-        super().__init__(**args)
+        if beta < 0 or kwargs.get("alpha", 1.0) < 0:
+            raise ConfigError(f"--model.init_args.alpha/beta: {kwargs.get('alpha', 1.0)}/{beta}; loss weights must be >= 0.")
+        super().__init__(**kwargs)  # jsonargparse reads the parent's parameters through **kwargs
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         plain_hparams(self)
         self.loss_weights["beta"] = beta
