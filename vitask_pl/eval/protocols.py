@@ -37,11 +37,13 @@ def _text_positions(vlm: VLM, start: torch.Tensor, length: int) -> torch.Tensor:
     return pos[None].expand(3, -1, -1) if vlm.family.name == "qwen2_vl" else pos
 
 
+@torch.no_grad()
 def encode_prefix(vlm: VLM, batch: dict, exemplars: torch.Tensor | None = None) -> Prefix:
     """Run the prompt part of each row (image, optional exemplar slots, instruction, assistant header) once.
 
-    ``batch`` is a :class:`~vitask_pl.data.chat.ChatBatch` batch; with ``exemplars`` it must also carry the
-    ``exemplar_mask`` of its slots (see :mod:`vitask_pl.models.exemplar`).
+    ``batch`` is a :class:`~vitask_pl.data.chat.ChatBatch` batch; with ``exemplars`` (flat ``(B * K, D)``) it
+    must also carry the ``exemplar_mask`` of its slots (see :func:`vitask_pl.models.exemplar.insert_slots`).
+    The returned cache is consumed by :func:`candidate_loglik` or :func:`greedy_generate`: encode once per use.
     """
     length = int(batch["prompt_len"].max())
     ids = batch["input_ids"][:, :length]
