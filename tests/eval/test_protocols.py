@@ -24,20 +24,11 @@ from vitask_pl.eval.protocols import (
 from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
 from vitask_pl.models.vlm import LoraSettings, build_vlm
 
+from ..conftest import sharpen
+
 FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist"]
 # Written out, not read from the code under test: the token each family's chat template ends a turn with.
 END_OF_TURN = {"internvl": "<|im_end|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
-
-
-def sharpen(model: torch.nn.Module, seed: int = 0) -> None:
-    """Redraw every matrix (LoRA's too, so the adapters take part) at a large scale: the default init predicts an
-    almost uniform distribution, where a wrong position or a stale cache entry would hide below any tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                gain = 3.0 if ("embed" in name or "lm_head" in name) else 1.5
-                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[-1]))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """VLM loading, freezing, LoRA placement and the response-only forward, for each of the four families."""
 
 import json
-import math
 import shutil
 import time
 from types import SimpleNamespace
@@ -18,6 +17,8 @@ from vitask_pl.models.tiny import FAMILIES
 from vitask_pl.models.vlm import IGNORE, LoraSettings, build_vlm, freeze_and_add_lora, load_vlm
 from vitask_pl.modules.vlm_parts import response_logits
 
+from ..conftest import sharpen
+
 FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist"]
 # Written out here, not read from vitask_pl: where transformers 5 puts each family's parts under model.model.
 LANGUAGE = {"internvl": "language_model", "llava": "language_model", "qwen2_vl": "language_model", "idefics3": "text_model"}
@@ -25,20 +26,6 @@ VISION = {"internvl": "vision_tower", "llava": "vision_tower", "qwen2_vl": "visu
 PROJECTOR = {"internvl": "multi_modal_projector", "llava": "multi_modal_projector", "qwen2_vl": "visual.merger",
              "idefics3": "connector"}  # fmt: skip
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-
-
-def sharpen(model: torch.nn.Module, seed: int = 0) -> None:
-    """Redraw every matrix (LoRA's too) with a large scale, so outputs depend strongly on every input position.
-
-    At the default init (std 0.02) a 64-wide model predicts an almost uniform distribution, and a wrong position
-    or a shifted label would change a loss by less than any tolerance.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                gain = 3.0 if ("embed" in name or "lm_head" in name) else 1.5
-                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[-1]))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

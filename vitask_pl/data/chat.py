@@ -48,6 +48,7 @@ class ChatTemplate:
                 "loading it here."
             )
         self.special_ids = set(self.tokenizer.all_special_ids)
+        self._continuations: dict[tuple[str, str], tuple[list[int], int]] = {}
 
     def render(self, instruction: str, response: str | None = None) -> str:
         return self.processor.apply_chat_template(
@@ -58,8 +59,15 @@ class ChatTemplate:
         """``(ids, n)``: the response and end-of-turn token ids that follow the generation prompt, and the
         number ``n`` of tokens the assistant turn adds in all (a template may add a newline after the turn).
 
-        Checked to extend the prompt's own tokenization (the template parity the labels rely on).
+        Checked to extend the prompt's own tokenization (the template parity the labels rely on). Cached: a run
+        has one pair per dataset, instruction variant and label, and every batch repeats them.
         """
+        key = (instruction, response)
+        if key not in self._continuations:
+            self._continuations[key] = self._continuation(instruction, response)
+        return self._continuations[key]
+
+    def _continuation(self, instruction: str, response: str) -> tuple[list[int], int]:
         prompt, full = self.render(instruction), self.render(instruction, response)
         if not full.startswith(prompt):
             raise ConfigError(

@@ -157,11 +157,13 @@ class MedMNISTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", train=True, negatives=bool(self._module_attr("needs_negatives", False)))
 
+    # Evaluation never reads negative images, so only training batches carry them (CRT); the Fig. 3 contrast
+    # asks for them explicitly with loader(..., negatives=True).
     def val_dataloader(self) -> DataLoader:
-        return self.loader("val", negatives=bool(self._module_attr("needs_negatives", False)))
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader("test", negatives=bool(self._module_attr("needs_negatives", False)))
+        return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("test")
