@@ -21,9 +21,10 @@ TOOLS = {
     "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),
     "pipeline": ("vitask_pl.pipeline:pipeline", "the whole method: TSM -> vanilla -> EP -> RDA+CRT -> evaluation -> report"),
     "report": ("vitask_pl.report:report", "regenerate results.json, report.md and plots of a pipeline run"),
+    "export": ("vitask_pl.export:export", "write a stage checkpoint's LoRA (PEFT format) + connector; --merge for a merged HF model"),
 }
 
-POSITIONAL = {"report"}  # `vitask report RUN_DIR`; the other tools take --options only
+POSITIONAL = {"report", "export"}  # `vitask report RUN_DIR`, `vitask export CKPT --out DIR`; the others take --options only
 
 HELP = """usage: vitask <command> [options]
 

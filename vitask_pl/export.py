@@ -1,0 +1,236 @@
+"""``vitask export``: a VLM stage checkpoint as standard files, usable without vitask or Lightning.
+
+A stage checkpoint holds the adapters only (LoRA, and for the VITask stages the TSM connector); the frozen base
+is rebuilt from its ``vlm`` hyperparameter. The export writes the LoRA in PEFT format next to the processor, so
+``PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(BASE), DIR)`` is the trained model; the
+connector as safetensors plus the JSON needed to rebuild it; and with ``merge`` the base with the LoRA merged in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from vitask_pl.errors import ConfigError, MissingFileError
+
+VANILLA = "vitask_pl.modules.vanilla.VanillaInstructionTuning"
+STAGE1 = "vitask_pl.modules.vitask.ExemplarPromptTuning"
+STAGE2 = "vitask_pl.modules.vitask.RDACRTTuning"
+TSM = "vitask_pl.modules.tsm.TSMModule"
+# Where each VLM stage holds the transformers model in its state dict; LoRA keys continue with its module paths.
+VLM_PREFIX = {VANILLA: "vlm.model.", STAGE1: "core.vlm.model.", STAGE2: "core.vlm.model."}
+CONNECTOR_PREFIX = "core.connector."
+STAGE_CKPT = "a vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (its checkpoints/last.ckpt or best-*.ckpt)"
+
+
+def module_class(checkpoint: dict) -> str:
+    """Dotted path of the LightningModule that wrote ``checkpoint``.
+
+    Checkpoints that record it (``checkpoint["vitask"]["module"]``) say so; older ones are recognised by what they
+    hold: TSM weights, the TSM connector (stage 1, or stage 2 when it started ``init_from`` stage 1), or neither.
+    """
+    recorded = (checkpoint.get("vitask") or {}).get("module")
+    if recorded:
+        return recorded
+    hp, state = checkpoint.get("hyper_parameters") or {}, checkpoint.get("state_dict") or {}
+    if "backbone" in hp or any(k.startswith("tsm.") for k in state):
+        return TSM
+    if any(k.startswith(CONNECTOR_PREFIX) for k in state):
+        return STAGE2 if "init_from" in hp else STAGE1
+    return VANILLA
+
+
+def read_checkpoint(path: str) -> dict:
+    """A VLM stage checkpoint (``weights_only``: a checkpoint is data, never code), or a one-line error."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise MissingFileError(f"CKPT: {path} not found; pass {STAGE_CKPT}.")
+    if file.is_dir():
+        raise ConfigError(f"CKPT: {path} is a directory, not a checkpoint file; pass {STAGE_CKPT}.")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a zip/pickle, or pickled objects weights_only refuses: not one of ours
+        raise ConfigError(
+            f"CKPT: {path} is not a Lightning checkpoint ({type(err).__name__}); pass {STAGE_CKPT}."
+        ) from err
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
+        raise ConfigError(
+            f"CKPT: {path} is not a Lightning checkpoint (no state_dict/hyper_parameters); pass {STAGE_CKPT}."
+        )
+    cls = module_class(checkpoint)
+    if cls == TSM:
+        raise ConfigError(f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
+                          f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features).")  # fmt: skip
+    if cls not in VLM_PREFIX or "vlm" not in checkpoint["hyper_parameters"]:
+        raise ConfigError(f"CKPT: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
+    return checkpoint
+
+
+def lora_weights(checkpoint: dict, cls: str, path: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's LoRA tensors keyed by the transformers model's own module paths (``model.language_model...``)."""
+    prefix = VLM_PREFIX[cls]
+    lora = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+    if not lora:
+        raise ConfigError(f"CKPT: {path} holds no LoRA weights; pass {STAGE_CKPT}.")
+    stray = [k for k in lora if not k.startswith(prefix)]
+    if stray:
+        raise ConfigError(f"CKPT: {path} has LoRA weight {stray[0]} outside {prefix}*, where {cls} keeps its VLM; "
+                          f"its keys and its module class disagree.")  # fmt: skip
+    return {k[len(prefix) :]: v for k, v in lora.items()}
+
+
+def load_lora(peft_model, weights: dict[str, torch.Tensor], path: str, base: str) -> None:
+    """Copy ``weights`` into ``peft_model``'s LoRA; every tensor must land on a LoRA parameter of the same shape and
+    every LoRA parameter must get one, so an export is never silently partial."""
+    ours = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    mapped = {"base_model.model." + k: v for k, v in weights.items()}
+    unused = [k for k, v in mapped.items() if k not in ours or ours[k].shape != v.shape]
+    missing = [k for k in ours if k not in mapped]
+    if unused or missing:
+        first = f"{unused[0]} has no place" if unused else f"nothing for {missing[0]}"
+        raise ConfigError(f"CKPT: {path}'s LoRA does not fit the base {base} with its lora settings ({first}; "
+                          f"{len(unused)} unused, {len(missing)} missing); the base must be the model it was trained on.")  # fmt: skip
+    result = peft_model.load_state_dict(mapped, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+
+
+def connector_files(checkpoint: dict, path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The TSM connector's tensors (``TSMConnector`` state-dict keys) and what rebuilds it and feeds it."""
+    tensors = {k[len(CONNECTOR_PREFIX) :]: v.contiguous() for k, v in checkpoint["state_dict"].items()
+               if k.startswith(CONNECTOR_PREFIX)}  # fmt: skip
+    if "net.1.weight" not in tensors:
+        raise ConfigError(f"CKPT: {path} is a VITask stage checkpoint without its TSM connector (no "
+                          f"{CONNECTOR_PREFIX}net.1.weight); pass {STAGE_CKPT}.")  # fmt: skip
+    hp = checkpoint["hyper_parameters"]
+    hidden, width = tensors["net.1.weight"].shape
+    num_tokens = hp.get("exemplar_tokens", 1)
+    assert tensors["net.3.weight"].shape[0] == hidden * num_tokens, "connector and exemplar_tokens disagree"
+    config = {
+        "class": "vitask_pl.models.exemplar.TSMConnector",
+        "init_args": {"feature_dim": width, "hidden_dim": hidden, "num_tokens": num_tokens},
+        "feature_kind": hp.get("feature_kind", "pooled"),
+        "tsm_ckpt": hp.get("tsm_ckpt"),
+        "datasets": hp.get("datasets"),
+        "image_size": hp.get("image_size"),
+    }
+    return tensors, config
+
+
+def _readme(provenance: dict) -> str:
+    notes = []
+    if provenance["connector"]:
+        notes.append("`connector.safetensors` + `connector.json`: the TSM connector (`TSMConnector(**init_args)`), fed the "
+                     "features of `tsm_ckpt`; its exemplar tokens follow the last image token.")  # fmt: skip
+    if provenance["merged"]:
+        notes.append(
+            "`merged/`: the base with the LoRA merged in, `AutoModelForImageTextToText.from_pretrained(DIR/merged)`."
+        )
+    tail = "".join(f"\n{note}\n" for note in notes)
+    return f"""# VITask export
+
+From `{provenance["checkpoint"]}` (sha256 `{provenance["sha256"]}`), written by `{provenance["module"]}`.
+Base: `{provenance["base"]}`. Details in `vitask_export.json`.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{provenance["base"]}"), "DIR")
+processor = AutoProcessor.from_pretrained("DIR")
+```
+{tail}"""
+
+
+def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dict:
+    """Everything the export holds, into ``tmp``; returns the provenance written to ``vitask_export.json``."""
+    import dataclasses
+
+    from huggingface_hub import ModelCard
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from vitask_pl.models.feature_cache import file_sha256
+    from vitask_pl.models.vlm import LoraSettings, load_vlm, lora_target_names, resolve_source
+
+    hp = checkpoint["hyper_parameters"]
+    settings = LoraSettings(**(hp.get("lora") or {}))
+    option = f"CKPT {ckpt}: its vlm"
+    source = resolve_source(hp["vlm"], hp.get("image_size", 28), option)
+    base = str(Path(source).resolve()) if Path(source).is_dir() else source  # a hub id stays an id
+    # sdpa whatever training used: the export runs no forward, and flash_attention_2 would need a GPU here.
+    model, processor, family = load_vlm(source, dtype=hp.get("dtype", "float32"), image_size=hp.get("image_size", 28),
+                                        trust_remote_code=hp.get("trust_remote_code", False), option=option)  # fmt: skip
+    names = lora_target_names(model, family, settings)
+    # The LoraConfig freeze_and_add_lora trained with, inside a PeftModel this time, so it saves in PEFT format.
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names,
+                        bias="none", base_model_name_or_path=base)  # fmt: skip
+    peft_model = get_peft_model(model, config)  # adapters in float32 over a bf16/fp16 base, as in training
+    load_lora(peft_model, lora_weights(checkpoint, cls, ckpt), ckpt, base)
+
+    provenance = {
+        "checkpoint": str(Path(ckpt).expanduser().resolve()), "sha256": file_sha256(Path(ckpt).expanduser()),
+        "module": cls, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step"),
+        "vlm": hp["vlm"], "base": base, "family": family.name, "dtype": hp.get("dtype", "float32"),
+        "lora": dataclasses.asdict(settings), "connector": cls != VANILLA, "merged": merge,
+    }  # fmt: skip
+    peft_model.save_pretrained(tmp)
+    card = ModelCard.load(tmp / "README.md")  # PEFT's template card: keep its hub metadata, say what this is instead
+    card.text = _readme(provenance)
+    card.save(tmp / "README.md")
+    processor.save_pretrained(tmp)
+    if cls != VANILLA:
+        tensors, connector = connector_files(checkpoint, ckpt)
+        save_file(tensors, tmp / "connector.safetensors")
+        (tmp / "connector.json").write_text(json.dumps(connector, indent=2) + "\n")
+    (tmp / "vitask_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if merge:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(tmp / "merged")
+        processor.save_pretrained(tmp / "merged")
+    return provenance
+
+
+def export(ckpt: str, *, out: str, merge: bool = False, force: bool = False) -> Path:
+    """Export a VLM stage checkpoint: LoRA (PEFT format), TSM connector, processor; --merge adds a merged model.
+
+    The base is the checkpoint's ``vlm`` (a hub id, a local directory, or ``tiny:<family>``); load the export with
+    ``PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(BASE), DIR)``. The folder appears
+    whole or not at all: it is written next to ``out`` and renamed into place.
+
+    Args:
+        ckpt: A vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (e.g. .../checkpoints/last.ckpt).
+        out: Folder to write (adapter_config.json, adapter_model.safetensors, connector.*, processor files).
+        merge: Also write OUT/merged: the base with the LoRA merged in, loadable without peft.
+        force: Replace --out if it exists and is not empty.
+
+    Returns:
+        The folder written.
+    """
+    from vitask_pl.models.tiny import _is_nonempty, _overwrite_error, _publish, _sibling
+
+    checkpoint = read_checkpoint(ckpt)
+    cls = module_class(checkpoint)
+    target = Path(out).expanduser()
+    if _is_nonempty(target) and not force:
+        raise _overwrite_error(target)
+    if Path(ckpt).expanduser().resolve().is_relative_to(target.resolve()):
+        raise ConfigError(
+            f"--out: {out} contains CKPT {ckpt}, which --force would delete; choose another --out."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        provenance = _write(tmp, checkpoint, ckpt, cls, merge)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not _publish(tmp, target, replace=force):
+        raise _overwrite_error(target)  # another process wrote --out while this one was exporting
+    parts = ["LoRA (PEFT)"] + ["TSM connector"] * provenance["connector"] + ["merged model"] * merge
+    print(
+        f"export: wrote {', '.join(parts)} of {ckpt} ({cls.rsplit('.', 1)[-1]}, base {provenance['base']}) to {target}"
+    )
+    return target
