@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vitask_pl.data.catalog import SPLITS, check_size, dataset_specs, medmnist_info, resolve_flags
-from vitask_pl.data.files import md5sum, npz_path, official_md5, split_problems
+from vitask_pl.data.files import UNREADABLE, md5sum, npz_path, official_md5, split_problems
 from vitask_pl.errors import ConfigError
 
 
@@ -16,16 +16,19 @@ def check_file(path: Path, spec, size: int) -> tuple[dict[str, int], str, list[s
     if not path.is_file():
         return {}, "-", [f"missing: {path}"]
     counts, problems = {}, []
-    with np.load(path) as npz:
-        for split in SPLITS:
-            keys = (f"{split}_images", f"{split}_labels")
-            absent = [k for k in keys if k not in npz.files]
-            if absent:
-                problems.append(f"no key {absent[0]!r}")
-                continue
-            images, labels = npz[keys[0]], npz[keys[1]]
-            counts[split] = len(images)
-            problems += split_problems(spec, size, split, images, labels)
+    try:
+        with np.load(path) as npz:
+            for split in SPLITS:
+                keys = (f"{split}_images", f"{split}_labels")
+                absent = [k for k in keys if k not in npz.files]
+                if absent:
+                    problems.append(f"no key {absent[0]!r}")
+                    continue
+                images, labels = npz[keys[0]], npz[keys[1]]
+                counts[split] = len(images)
+                problems += split_problems(spec, size, split, images, labels)
+    except UNREADABLE as err:
+        return counts, "-", [f"not a readable .npz ({type(err).__name__}: {err}); replace it"]
     official = medmnist_info(spec.flag)["n_samples"]
     if counts == official:  # the sample counts claim an official file: then its checksum must match too
         expected = official_md5(spec.flag, size)

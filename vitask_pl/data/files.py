@@ -9,6 +9,8 @@ otherwise, keys ``{split}_images`` (uint8, ``(N, H, W)`` or ``(N, H, W, 3)``) an
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,21 +70,32 @@ def split_problems(spec: DatasetSpec, size: int, split: str, images, labels) -> 
     return problems
 
 
+# What np.load and reading its members raise for a truncated or foreign file.
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def load_split(root: str | Path, spec: DatasetSpec, size: int, split: str) -> Split:
     """Read and validate one split; raise a one-line error naming the file and the fix otherwise."""
     path = npz_path(root, spec.flag, size)
     if not path.is_file():
         raise MissingFileError(missing_file_message(path, spec.flag, size))
-    with np.load(path) as npz:
-        missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files]
-        if missing:
-            raise ConfigError(f"{path}: no key {missing[0]!r} (keys present: {', '.join(npz.files)}); "
-                              f"a MedMNIST file has {', '.join(f'{s}_images/{s}_labels' for s in SPLITS)}.")  # fmt: skip
-        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    keys = (f"{split}_images", f"{split}_labels")
+    try:
+        with np.load(path) as npz:
+            present, arrays = npz.files, {k: npz[k] for k in keys if k in npz.files}
+    except UNREADABLE as err:
+        raise ConfigError(f"--data.root: {path} is not a readable .npz ({type(err).__name__}: {err}); it may be "
+                          f"truncated. Replace it: download it again, or `vitask data synth --root {path.parent} "
+                          f"--datasets '[{spec.flag}]' --size {size} --force`.") from err  # fmt: skip
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ConfigError(f"--data.root: {path}: no key {missing[0]!r} (keys present: {', '.join(present)}); "
+                          f"a MedMNIST file has {', '.join(f'{s}_images/{s}_labels' for s in SPLITS)}.")  # fmt: skip
+    images, labels = arrays[keys[0]], arrays[keys[1]]
     problems = split_problems(spec, size, split, images, labels)
     if problems:
-        raise ConfigError(f"{path}: {problems[0]}. Check the file with `vitask data check --root {path.parent} "
-                          f"--datasets '[{spec.flag}]' --size {size}`.")  # fmt: skip
+        raise ConfigError(f"--data.root: {path}: {problems[0]}. Check the file with `vitask data check "
+                          f"--root {path.parent} --datasets '[{spec.flag}]' --size {size}`.")  # fmt: skip
     if images.ndim == 3:
         images = images[..., None]
     return Split(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))

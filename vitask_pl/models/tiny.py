@@ -290,7 +290,7 @@ def _check(family: str, image_size: int, option: str = "--family") -> None:
     _recipe(family, option)
     if image_size % GRID or image_size < 4 * GRID:
         raise ConfigError(
-            f"--image_size: {image_size} px is not supported; use a multiple of {GRID}, at least {4 * GRID} (MedMNIST: 28, 64, 128, 224)."
+            f"--image-size: {image_size} px is not supported; use a multiple of {GRID}, at least {4 * GRID} (MedMNIST: 28, 64, 128, 224)."
         )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,18 +121,42 @@ def load_vlm(
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     source = resolve_source(spec, image_size, option)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # unreadable JSON, no model_type, a config class transformers lacks
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"{option}: {spec} has no readable config.json ({reason}); save the model with model.save_pretrained(dir), "
+            f"or build a tiny one with `vitask tiny-vlm`."
+        ) from err
     family = family_of(config.model_type, option)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     if getattr(processor, "image_token", None) is None and getattr(config, "image_token_id", None) is None:
         raise ConfigError(f"{option}: the processor of {spec} defines no image token, so images cannot be placed.")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--model.init_args.dtype: {dtype!r}; use auto, float32, bfloat16 or float16.")
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+    with _load_bar_on_terminal_only():
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
     return model, processor, family
+
+
+@contextmanager
+def _load_bar_on_terminal_only():
+    """transformers 5 draws a "Loading weights" bar on stderr; in a log or a captured stderr it is only noise
+    (and it would stand before a one-line error about the model, e.g. LoRA targets that match nothing)."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def lora_target_names(model: nn.Module, family: Family, lora: LoraSettings) -> list[str]:
