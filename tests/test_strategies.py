@@ -61,6 +61,7 @@ def test_fsdp_preset_wraps_each_decoder_layer():
 @pytest.fixture(scope="module")
 def stage1_adapters(tsm_ckpt, tmp_path_factory):
     """A stage-1 adapter file with the offline overlay's LoRA shape (untrained: only construction is tested)."""
+    from vitask_pl.fingerprint import stamp
     from vitask_pl.models.vlm import LoraSettings
     from vitask_pl.modules.vitask import ExemplarPromptTuning
     from vitask_pl.modules.vlm_parts import is_adapter
@@ -68,7 +69,9 @@ def stage1_adapters(tsm_ckpt, tmp_path_factory):
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)  # configs/offline/rda_crt.yaml
     module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, lora=lora, feature_cache=False)
     path = tmp_path_factory.mktemp("stage1") / "stage1.ckpt"
-    torch.save({"state_dict": {k: v for k, v in module.state_dict().items() if is_adapter(k)}}, path)
+    checkpoint = {"state_dict": {k: v for k, v in module.state_dict().items() if is_adapter(k)}}
+    stamp(checkpoint, module)  # what on_save_checkpoint adds
+    torch.save(checkpoint, path)
     return str(path)
 
 
@@ -85,13 +88,18 @@ def test_deepspeed_trainer_constructs_on_cpu(stage, tsm_ckpt, stage1_adapters, s
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
+    from vitask_pl.fingerprint import stamp
+
     cli = build(f"deepspeed_zero{stage}", tsm_ckpt, stage1_adapters, synth_root, tmp_path)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.config["zero_optimization"]["stage"] == stage and strategy.exclude_frozen_parameters
     assert cli.model.strict_loading is False  # DeepSpeed loads the adapters-only module state non-strictly
-    # DeepSpeed restores weights itself and hands on_load_checkpoint its client state, which has no state_dict.
-    cli.model.on_load_checkpoint({"epoch": 0, "global_step": 4})
+    # DeepSpeed restores weights itself and hands on_load_checkpoint its client state, which has no state_dict
+    # but keeps the configuration record.
+    client_state = {"epoch": 0, "global_step": 4}
+    stamp(client_state, cli.model)
+    cli.model.on_load_checkpoint(client_state)
     assert not any(tmp_path.iterdir())
 
 

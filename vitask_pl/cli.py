@@ -8,7 +8,10 @@ are their options (jsonargparse reads them), so they take lists the same way: ``
 from __future__ import annotations
 
 import os
+import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 from vitask_pl.errors import UserError
 
@@ -43,26 +46,75 @@ Errors that are the input's fault print one line; set VITASK_DEBUG=1 for the tra
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI; ``run=False`` only instantiates (tests, notebooks)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from vitask_pl.atomic import AtomicCheckpointIO
     from vitask_pl.data.catalog import resolve_flags
     from vitask_pl.data.datamodule import MedMNISTDataModule
+    from vitask_pl.fingerprint import compare, load, read
+    from vitask_pl.guards import (
+        MARGIN_BYTES,
+        FiniteLoss,
+        check_output_dir,
+        checkpoint_bytes,
+        refuse_fresh_over_earlier,
+    )
+    from vitask_pl.resume import ExactResume, LastCheckpoint
 
     class VitaskCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # Facts the data knows reach the model here, so no config types them twice.
             parser.link_arguments("data.init_args.datasets", "model.init_args.datasets", compute_fn=resolve_flags)
             parser.link_arguments("data.init_args.size", "model.init_args.image_size")
+            # Two checkpointers in {default_root_dir}/checkpoints: the best on validation, and `last.ckpt`, saved
+            # every N optimizer steps (mid-epoch) and at the end, which `--ckpt_path last` resumes from.
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
             parser.set_defaults({
                 "checkpoint.monitor": "val/avg/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
                 "checkpoint.auto_insert_metric_name": False,  # metric keys hold slashes
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt is last_checkpoint's
             })  # fmt: skip
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads --ckpt_path's hyperparameters here, before any vitask code runs: read it safely
+            # first, so a truncated or foreign file is one line naming the option, not an unpickling traceback.
+            # Lightning then replaces the model's arguments with the checkpoint's, so the facts left to clash are
+            # the model class the config names and the datasets the data module serves (by position: the same list).
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else None
+            path = config.get("ckpt_path") if config else None
+            if path and Path(path).is_file():
+                record = read(load(path, "--ckpt_path"), path, "--ckpt_path")
+                run = {"stage": config.model.class_path.rsplit(".", 1)[-1],
+                       "datasets": resolve_flags(config.data.init_args.datasets)}  # fmt: skip
+                compare(record, run, path=path, option="--ckpt_path", same_datasets=True)
+            super()._parse_ckpt_path()
+
+        def before_instantiate_classes(self) -> None:
+            # A fixed checkpoint folder (not one per logger version), so a later run finds `last.ckpt` to resume.
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            folder = str(Path(config.trainer.default_root_dir or os.getcwd()) / "checkpoints")
+            for group in ("checkpoint", "last_checkpoint"):
+                if config[group].dirpath is None:
+                    config[group].dirpath = folder
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            trainer.callbacks[:0] = [ExactResume(), FiniteLoss()]
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # DeepSpeed/FSDP-sharded write their own
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
+
+        def before_fit(self) -> None:
+            folder = self.trainer.checkpoint_callback.dirpath
+            refuse_fresh_over_earlier(folder, self.config.fit.ckpt_path)
+            check_output_dir(folder, need_bytes=3 * checkpoint_bytes(self.model) + MARGIN_BYTES)
 
     return VitaskCLI(
         LightningModule,
@@ -70,7 +122,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "exit_on_error": False},
         args=args,
         run=run,
     )
@@ -113,6 +165,19 @@ def _user_error(err: BaseException | None) -> UserError | None:
     return None
 
 
+def _parser_error(message: str) -> str:
+    """jsonargparse's nested, multi-line type errors as one line: the option as typed, the value, the type wanted."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    values = [v.split("\n")[0].rstrip(". ") for v in re.split(r"(?:Got|Given) value: ", message)[1:]]
+    got = [v for v in values if not v.startswith(("Namespace(", "NestedArg("))]
+    wanted = re.search(r"Expected a <class '([\w.]+)'>", message)
+    if not keys or not got:
+        return " ".join(message.split()) + " (`vitask <command> --help` lists the options)"
+    option = "--" + ".".join(k for k in keys if k != "init_args")
+    kind = f"an {wanted.group(1)}" if wanted and wanted.group(1)[0] in "aeiou" else f"a {wanted.group(1) if wanted else 'valid value'}"
+    return f"{option}: {got[-1].strip()!r} is not {kind}; pass {kind} (`vitask <command> --help` lists the options)."
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -133,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "
                   f"(`vitask --help` lists them all).", file=sys.stderr)  # fmt: skip
             sys.exit(2)
+    except ArgumentError as err:  # the trainer commands' parser raises instead of printing its usage
+        user_error = _user_error(err)
+        if os.environ.get("VITASK_DEBUG"):
+            raise
+        print(f"error: {user_error or _parser_error(str(err))}", file=sys.stderr)
+        sys.exit(2)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None or os.environ.get("VITASK_DEBUG"):

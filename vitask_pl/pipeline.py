@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
+from vitask_pl.atomic import save_torch, write_text
 from vitask_pl.errors import ConfigError
+from vitask_pl.guards import last_checkpoints
 
 STAGES = {  # stage -> (config name, evaluations after fit)
     "tsm": ("tsm", ()),
@@ -64,12 +64,13 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
     config, evaluations = STAGES[name]
     base = [*config_args, *cli_args(overrides), "--trainer.default_root_dir", str(stage_dir), "--seed_everything", str(seed)]
     times, record = {}, {"stage": name, "seed": seed, "files": []}
-    print(f"[pipeline] {seed_dir.name}/{name}: fit")
+    resume = last_checkpoints(stage_dir / "checkpoints")  # a killed fit continues, bit-identically
+    print(f"[pipeline] {seed_dir.name}/{name}: fit" + (f", resuming from {resume[-1]}" if resume else ""))
     start = time.monotonic()
-    fit = _run(["fit", *base])
+    fit = _run(["fit", *base, *(["--ckpt_path", "last"] if resume else [])])
     times["fit"] = time.monotonic() - start
-    callback = fit.trainer.checkpoint_callback
-    ckpt = callback.best_model_path if name == "tsm" and callback.best_model_path else callback.last_model_path
+    best = fit.trainer.checkpoint_callback.best_model_path
+    ckpt = best if name == "tsm" and best else str(stage_dir / "checkpoints" / "last.ckpt")
     record.update(checkpoint=ckpt, train_log=str(Path(fit.trainer.log_dir) / "metrics.csv"))
     start = time.monotonic()
     tested = _run(["test", *base, "--ckpt_path", ckpt])
@@ -84,21 +85,24 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
         record["files"].append(record["metrics_incomplete"])
     if "contrast" in evaluations:
         record["contrast"] = str(stage_dir / "contrast.pt")
-        torch.save(_contrast(base, ckpt), record["contrast"])
+        save_torch(_contrast(base, ckpt), record["contrast"])
         record["files"].append(record["contrast"])
     times["evaluate"] = time.monotonic() - start
     record["wall_time_s"] = times
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
 
 def _contrast(base: list[str], ckpt: str) -> dict:
     """Fig. 3 data: per-sample mean response-token probability with the own vs a different-label image."""
     from vitask_pl.eval.contrast import response_probabilities
+    from vitask_pl.fingerprint import check, load
 
     built = _run(base, run=False)
     module, datamodule = built.model, built.datamodule
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    checkpoint = load(ckpt, "checkpoint")
+    check(checkpoint, module, path=ckpt)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.eval()
     vlm = module.vlm if hasattr(module, "vlm") else module.core.vlm
     datamodule.setup("test")
@@ -159,9 +163,9 @@ def pipeline(
             if stage in ("rda_crt", *ABLATIONS):
                 overrides["model.init_args.init_from"] = records["ep"]["checkpoint"]
             records[stage] = run_stage(stage, seed_dir, config_args, overrides, seed + k)
-    (run_dir / "pipeline.json").write_text(json.dumps({"name": name, "seeds": [seed + k for k in range(seeds)],
-                                                       "ablations": ablations, "wall_time_s": time.monotonic() - start,
-                                                       "synthetic": bool(synthesize)}, indent=2) + "\n")  # fmt: skip
+    summary = {"name": name, "seeds": [seed + k for k in range(seeds)], "ablations": ablations,
+               "wall_time_s": time.monotonic() - start, "synthetic": bool(synthesize)}  # fmt: skip
+    write_text(run_dir / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     report(str(run_dir))
     return run_dir
 

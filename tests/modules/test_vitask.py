@@ -101,7 +101,7 @@ def test_missing_checkpoints_name_the_stage_and_the_command(tsm_ckpt, tmp_path):
         ExemplarPromptTuning(vlm="tiny:internvl", datasets=FLAGS)
     with pytest.raises(MissingFileError, match=r"init_from is required for stage 2.*configs/ep.yaml"):
         RDACRTTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS)
-    with pytest.raises(MissingFileError, match="train a TSM first"):
+    with pytest.raises(MissingFileError, match=r"tsm_ckpt: .*nope.ckpt not found; produce it with `vitask fit --config configs/tsm.yaml`"):
         ExemplarPromptTuning(tsm_ckpt=str(tmp_path / "nope.ckpt"), vlm="tiny:internvl", datasets=FLAGS)
 
 
@@ -109,7 +109,7 @@ def test_tsm_mismatches_are_clear(tsm_ckpt, stage1_ckpt, synth_root, tmp_path):
     with pytest.raises(ConfigError, match=r"was trained on \[.*\], not on \['bloodmnist'\]"):
         ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=["dermamnist", "bloodmnist"])
     wider = make_tsm_ckpt(synth_root, SMALL_FLAGS, tmp_path / "wide.ckpt", embed_dim=48)
-    with pytest.raises(ConfigError, match="gives 48-wide features but the connector in .* was trained on 32-wide"):
+    with pytest.raises(ConfigError, match=r"init_from: .* differs in tsm_width: it holds .*tsm_width 32.*this run builds .*tsm_width 48"):
         RDACRTTuning(init_from=stage1_ckpt[0], tsm_ckpt=wider, vlm="tiny:internvl", datasets=FLAGS)
 
 

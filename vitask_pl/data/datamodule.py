@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from vitask_pl.data.catalog import FLAGS, SPLITS, DatasetSpec, check_size, dataset_specs, resolve_flags
@@ -14,6 +15,7 @@ from vitask_pl.data.dataset import JointDataset, JointSampler
 from vitask_pl.data.files import Split, download, load_split, missing_file_message, npz_path
 from vitask_pl.data.negatives import NegativeSampler
 from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.resume import ResumableLoader
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -145,14 +147,23 @@ class MedMNISTDataModule(L.LightningDataModule):
         else:
             ds.augment_shift = 0
             sampler = JointSampler(sizes, shuffle=False)
-        return DataLoader(
-            ds,
+        kwargs = dict(
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
             collate_fn=collate_fn or self._module_attr("collate"),
             num_workers=self.num_workers,
             persistent_workers=False,  # workers re-fork each epoch, so nothing epoch-dependent goes stale
+            # Its own generator: creating an iterator then never draws from the global RNG (see vitask_pl/resume.py).
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if train and self.trainer is not None:
+            return ResumableLoader(ds, progress=self._train_progress, **kwargs)
+        return DataLoader(ds, **kwargs)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """``(epoch, batches trained in it)``: where a checkpoint written now stands in the data."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", train=True, negatives=bool(self._module_attr("needs_negatives", False)))

@@ -60,7 +60,8 @@ class FeatureCache:
             return torch.load(path, map_location=device, weights_only=True)
         part = load_split(root, spec, size, split)
         dataset = JointDataset([spec], [part])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]),
+                                             generator=torch.Generator())  # never draws from the global RNG
         features = extract_features(self.tsm, loader, self.kind)["features"]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -101,16 +101,13 @@ def load_tsm(path: str, *, option: str = "--model.init_args.tsm_ckpt") -> tuple[
 
     Loaded with ``weights_only=True``: a checkpoint is data, never code.
     """
-    from pathlib import Path
+    from vitask_pl.fingerprint import STAGE_NAMES, load, read
 
-    from vitask_pl.errors import MissingFileError
-
-    if not Path(path).is_file():
-        raise MissingFileError(
-            f"{option}: {path} not found; train a TSM first with "
-            f"`vitask fit --config configs/tsm.yaml` (offline: add --config configs/offline/tsm.yaml)."
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load(path, option, "`vitask fit --config configs/tsm.yaml` (offline: add --config configs/offline/tsm.yaml)")
+    stage = read(ckpt, path, option).get("stage")
+    if stage != "TSMModule":
+        raise ConfigError(f"{option}: {path} is a checkpoint of {STAGE_NAMES.get(stage, stage)}, not of the TSM stage; "
+                          f"pass the checkpoint of `vitask fit --config configs/tsm.yaml`.")  # fmt: skip
     hp = ckpt.get("hyper_parameters", {})
     if "backbone" not in hp or not any(k.startswith("tsm.") for k in ckpt.get("state_dict", {})):
         raise ConfigError(f"{option}: {path} is not a TSM-stage checkpoint (no backbone/tsm weights in it).")
@@ -151,13 +148,25 @@ def export_features(
     """
     from pathlib import Path
 
+    from vitask_pl.data.catalog import SPLITS, check_size
     from vitask_pl.data.collate import ImageBatch
     from vitask_pl.data.datamodule import MedMNISTDataModule
+    from vitask_pl.data.files import missing_file_message, npz_path
+    from vitask_pl.errors import MissingFileError
 
     if Path(out).exists():
         raise ConfigError(f"--out: {out} already exists; choose another path (exports are never overwritten).")
+    if split not in SPLITS:
+        raise ConfigError(f"--split: {split!r}; use one of {', '.join(SPLITS)}.")
+    if kind not in FEATURE_KINDS:
+        raise ConfigError(f"--kind: {kind!r}; use one of {', '.join(FEATURE_KINDS)}.")
     tsm, hp = load_tsm(ckpt, option="--ckpt")
-    dm = MedMNISTDataModule(root, hp["datasets"], size or hp["image_size"], eval_batch_size=batch_size, num_workers=0)
+    size = check_size(size, option="--size") if size is not None else hp["image_size"]
+    for flag in hp["datasets"]:  # checked here, so that the error names --root, not the data module's --data.root
+        path = npz_path(root, flag, size)
+        if not path.is_file():
+            raise MissingFileError(missing_file_message(path, flag, size, option="--root"))
+    dm = MedMNISTDataModule(root, hp["datasets"], size, eval_batch_size=batch_size, num_workers=0)
     feats = extract_features(tsm, dm.loader(split, ImageBatch(dm.specs)), kind)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats | {"datasets": dm.flags, "split": split, "kind": kind}, out)

@@ -11,6 +11,7 @@ from vitask_pl.data.catalog import dataset_specs, joint_width, resolve_flags
 from vitask_pl.data.collate import ImageBatch
 from vitask_pl.eval.metrics import PerDatasetMetrics
 from vitask_pl.eval.results import flatten, publish
+from vitask_pl.fingerprint import check_resume, stamp
 from vitask_pl.losses import joint_classification_loss
 from vitask_pl.models.tsm import TaskSpecificModel
 from vitask_pl.modules.optim import configure_optimizers
@@ -104,6 +105,12 @@ class TSMModule(L.LightningModule):
         self.test_metrics.reset()
         self.log_dict(flatten(results, "test"))
         publish(self.trainer, results)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume(self, checkpoint)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.parameters(), self.optimizer, self.scheduler, self.warmup_ratio)

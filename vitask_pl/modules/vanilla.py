@@ -8,6 +8,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from vitask_pl.data.catalog import dataset_specs, resolve_flags
 from vitask_pl.data.chat import ChatBatch
+from vitask_pl.fingerprint import check_resume, stamp
 from vitask_pl.losses import response_nll
 from vitask_pl.models.vlm import LoraSettings, build_vlm
 from vitask_pl.modules.optim import configure_optimizers
@@ -115,6 +116,10 @@ class VanillaInstructionTuning(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_adapters(checkpoint)
+        stamp(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume(self, checkpoint)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.parameters(), self.optimizer, self.scheduler, self.warmup_ratio)

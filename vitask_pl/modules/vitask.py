@@ -16,6 +16,7 @@ from torch import nn
 from vitask_pl.data.catalog import dataset_specs, resolve_flags
 from vitask_pl.data.chat import ChatBatch
 from vitask_pl.errors import ConfigError
+from vitask_pl.fingerprint import check, check_resume, load, stamp
 from vitask_pl.losses import crt, rda_kl, response_nll
 from vitask_pl.models.exemplar import TSMConnector, insert_slots
 from vitask_pl.models.vlm import LoraSettings, build_vlm
@@ -117,23 +118,11 @@ def _setup_features(module: L.LightningModule, core: VITaskCore, stage: str) -> 
     core.source.prepare(datamodule.root, splits, module.device)
 
 
-def _check_connector(core: VITaskCore, state: dict, source: str) -> None:
-    key = "core.connector.net.1.weight"
-    if key in state and state[key].shape[1] != core.source.width:
-        raise ConfigError(
-            f"--model.init_args.tsm_ckpt: {core.source.tsm_ckpt} gives {core.source.width}-wide features but the "
-            f"connector in {source} was trained on {state[key].shape[1]}-wide ones; a plug-in TSM needs the same width."
-        )
-
-
 def _load_init(module: L.LightningModule, path: str) -> None:
     """Stage 2 starts from stage 1's adapters (LoRA + connector)."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise ConfigError(f"--model.init_args.init_from: {path} not found; produce it with `{STAGE1_COMMAND}`.")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-    _check_connector(module.core, state, path)
+    checkpoint = load(path, "--model.init_args.init_from", f"`{STAGE1_COMMAND}`")
+    check(checkpoint, module, path=path, option="--model.init_args.init_from", stages=("ExemplarPromptTuning",))
+    state = checkpoint.get("state_dict", {})
     ours = module.state_dict()
     adapters = [k for k in ours if is_adapter(k)]
     missing = [k for k in adapters if k not in state]
@@ -141,6 +130,12 @@ def _load_init(module: L.LightningModule, path: str) -> None:
         raise ConfigError(f"--model.init_args.init_from: {path} is not a stage-1 checkpoint of this model "
                           f"(no {missing[0]}); produce it with `{STAGE1_COMMAND}`.")  # fmt: skip
     module.load_state_dict({k: state[k] for k in adapters}, strict=False)
+
+
+def check_loss_weights(**weights: float) -> None:
+    for name, value in weights.items():
+        if not value >= 0:
+            raise ConfigError(f"--model.init_args.{name}: {value}; loss weights must be >= 0 (0 switches the term off).")
 
 
 class ExemplarPromptTuning(L.LightningModule):
@@ -195,6 +190,11 @@ class ExemplarPromptTuning(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         warmup_ratio: float = 0.03,
     ):
+        check_loss_weights(alpha=alpha)
+        if rda_direction not in ("reverse", "forward"):
+            raise ConfigError(f"--model.init_args.rda_direction: {rda_direction!r}; use 'reverse' (the paper's) or 'forward'.")
+        if not rda_temperature > 0:
+            raise ConfigError(f"--model.init_args.rda_temperature: {rda_temperature}; use a temperature > 0 (1 is the paper's).")
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         plain_hparams(self)
@@ -238,10 +238,11 @@ class ExemplarPromptTuning(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_adapters(checkpoint)
+        stamp(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # DeepSpeed restores the weights itself and hands this hook only its client state, without "state_dict"
-        _check_connector(self.core, checkpoint.get("state_dict", {}), "the checkpoint")
+        # DeepSpeed hands this hook only its client state (weights restored by itself); the record is in it
+        check_resume(self, checkpoint)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.parameters(), self.optimizer, self.scheduler, self.warmup_ratio)
@@ -267,8 +268,7 @@ class RDACRTTuning(ExemplarPromptTuning):
         stage = "stage 2 (RDA+CRT)"
         require(kwargs.get("tsm_ckpt"), "--model.init_args.tsm_ckpt", stage, TSM_COMMAND)
         require(init_from, "--model.init_args.init_from", stage, STAGE1_COMMAND)
-        if beta < 0 or kwargs.get("alpha", 1.0) < 0:
-            raise ConfigError(f"--model.init_args.alpha/beta: {kwargs.get('alpha', 1.0)}/{beta}; loss weights must be >= 0.")
+        check_loss_weights(beta=beta)
         super().__init__(**kwargs)  # jsonargparse reads the parent's parameters through **kwargs
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         plain_hparams(self)
