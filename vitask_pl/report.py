@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from vitask_pl.atomic import atomic_path, write_text
 from vitask_pl.data.catalog import FLAGS
 from vitask_pl.errors import MissingFileError
 
@@ -199,7 +200,8 @@ def _reading(results: dict, records: dict) -> list[str]:
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path.name
 
@@ -236,7 +238,7 @@ def report(run_dir: str) -> Path:
     payload = {"run": str(root), "seeds": sorted(records), "synthetic": meta.get("synthetic"), "models": models,
                "wall_time_s": {s: {k: r.get("wall_time_s") for k, r in recs.items()} for s, recs in records.items()},
                **results, "paper_table1_avg": {k: {"acc": a, "f1": f} for k, (a, f) in PAPER.items()}}  # fmt: skip
-    (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text(root / "results.json", json.dumps(payload, indent=2) + "\n")
 
     synthetic = meta.get("synthetic", True)
     lines = [f"# VITask results — `{root}`", ""]
@@ -276,6 +278,6 @@ def report(run_dir: str) -> Path:
     lines += [f"| {k} | {a:.3f} | {f:.3f} |" for k, (a, f) in PAPER.items()]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "ChestMNIST `acc` is MedMNIST's per-label accuracy; the confusion matrices leave it out (multi-label)."]
-    (root / "report.md").write_text("\n".join(line for line in lines if line is not None) + "\n")
+    write_text(root / "report.md", "\n".join(line for line in lines if line is not None) + "\n")
     print(f"report: {root / 'report.md'} (results.json and {len(plots)} plots beside it)")
     return root / "report.md"

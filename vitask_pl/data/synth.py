@@ -9,7 +9,6 @@ Deterministic in ``seed``; nothing here claims to be medical data.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitask_pl.atomic import atomic_path
 from vitask_pl.data.catalog import FLAGS, DatasetSpec, check_size, dataset_specs, resolve_flags
 from vitask_pl.data.files import npz_path
 from vitask_pl.errors import ConfigError
@@ -136,9 +136,8 @@ def synthesize(
                           f"pass --force to overwrite, or choose another --root.")  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     for spec, path in zip(dataset_specs(flags), paths):
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **synth_dataset(spec, size, per_class, seed))
-        os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written file under the real name
+        with atomic_path(path) as tmp:  # an interrupted run never leaves a half-written file under the real name
+            np.savez_compressed(tmp, **synth_dataset(spec, size, per_class, seed))
     print(f"wrote {len(paths)} SYNTHETIC MedMNIST-format files ({size} px, seed {seed}) under {root}: "
           f"generated patterns, not medical images — for offline trials and tests only")  # fmt: skip
     return paths

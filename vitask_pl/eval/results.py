@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
+
+from vitask_pl.atomic import atomic_path, write_text
 
 
 def flatten(results: dict, prefix: str) -> dict[str, float]:
@@ -26,11 +27,7 @@ def log_dir(trainer: L.Trainer) -> Path:
 
 def write_json(path: Path, payload: dict) -> Path:
     """Write atomically, so an interrupted run never leaves a truncated file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
@@ -67,11 +64,8 @@ def write_predictions(path: Path, rows: list[dict]) -> Path:
     import csv
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path

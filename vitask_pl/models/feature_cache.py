@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from vitask_pl.atomic import save_torch, write_text
 from vitask_pl.data.catalog import DatasetSpec
 from vitask_pl.data.collate import ImageBatch
 from vitask_pl.data.dataset import JointDataset
@@ -54,17 +56,22 @@ class FeatureCache:
         return self.dir / f"{spec.flag}_{size}px_{split}_{self.kind}.pt"
 
     def get(self, root: str | Path, spec: DatasetSpec, size: int, split: str, device="cpu") -> torch.Tensor:
-        """``(N, F)`` (``(N, T, F)`` for patch) features of every row of the split; built and saved if missing."""
+        """``(N, F)`` (``(N, T, F)`` for patch) features of every row of the split; built and saved if missing.
+
+        An entry is trusted only if its content hash matches the ``.sha256`` written after it; anything else (a
+        half-copied cache, a damaged disk) is rebuilt, with a note saying why.
+        """
         path = self.path(spec, size, split)
+        digest = path.with_name(path.name + ".sha256")
         if path.is_file():
-            return torch.load(path, map_location=device, weights_only=True)
+            if digest.is_file() and digest.read_text().strip() == file_sha256(path):
+                return torch.load(path, map_location=device, weights_only=True)
+            rank_zero_warn(f"feature cache entry {path} does not match its recorded hash; rebuilding it")
         part = load_split(root, spec, size, split)
         dataset = JointDataset([spec], [part])
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]),
                                              generator=torch.Generator())  # never draws from the global RNG
         features = extract_features(self.tsm, loader, self.kind)["features"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(features, tmp)
-        os.replace(tmp, path)  # atomic: concurrent builders (DDP ranks) all end with a complete file
+        save_torch(features, path)  # concurrent builders (DDP ranks) each publish a complete file
+        write_text(digest, file_sha256(path) + "\n")
         return features.to(device)

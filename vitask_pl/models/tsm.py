@@ -148,6 +148,7 @@ def export_features(
     """
     from pathlib import Path
 
+    from vitask_pl.atomic import save_torch
     from vitask_pl.data.catalog import SPLITS, check_size
     from vitask_pl.data.collate import ImageBatch
     from vitask_pl.data.datamodule import MedMNISTDataModule
@@ -169,6 +170,6 @@ def export_features(
     dm = MedMNISTDataModule(root, hp["datasets"], size, eval_batch_size=batch_size, num_workers=0)
     feats = extract_features(tsm, dm.loader(split, ImageBatch(dm.specs)), kind)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats | {"datasets": dm.flags, "split": split, "kind": kind}, out)
+    save_torch(feats | {"datasets": dm.flags, "split": split, "kind": kind}, out)
     print(f"{len(feats['index'])} {kind} features of width {feats['features'].shape[-1]} written to {out}")
     return out

@@ -1,0 +1,108 @@
+"""Faults during a run: a NaN loss, a full disk, a write that dies halfway, a damaged cache entry."""
+
+import errno
+
+import pytest
+import torch
+
+from vitask_pl.atomic import AtomicCheckpointIO, atomic_path
+from vitask_pl.data.catalog import dataset_specs
+from vitask_pl.models.feature_cache import FeatureCache
+from vitask_pl.models.tsm import load_tsm
+
+from .test_cli import ROOT, TINY_TSM, run
+
+
+def tsm_fit(synth_root, out, *extra):
+    return ["fit", "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
+            "--data.root", str(synth_root), "--data.datasets", "[dermamnist]", "--trainer.default_root_dir", str(out),
+            *TINY_TSM, "--data.batch_size", "4", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+            *extra]  # fmt: skip
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(synth_root, tmp_path, capsys, monkeypatch):
+    import vitask_pl.modules.tsm as tsm_module
+
+    real, calls = tsm_module.joint_classification_loss, []
+
+    def poisoned(*args, **kwargs):  # the third training step's loss is NaN
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(tsm_module, "joint_classification_loss", poisoned)
+    code, _, err = run(tsm_fit(synth_root, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_train_steps", "2"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: training loss is nan at step 2"), err
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert str(last) in lines[-1] and "--ckpt_path last" in lines[-1]
+    kept = torch.load(last, weights_only=True)
+    assert kept["global_step"] == 2  # the update of the NaN step never happened, nor a save after it
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_full_disk_is_reported_before_training(synth_root, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import vitask_pl.guards as guards
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(guards.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
+    code, _, err = run(tsm_fit(synth_root, tmp_path / "run"), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: --trainer.default_root_dir:") and "1 MiB free but this run needs" in err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_a_checkpoint_write_that_dies_halfway_leaves_the_previous_one(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+
+def test_atomic_path_publishes_only_complete_files(tmp_path):
+    target = tmp_path / "sub" / "report.md"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt  # killed while writing
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole" and list(target.parent.iterdir()) == [target]
+
+
+class Payload:
+    def __reduce__(self):  # what a malicious checkpoint does: call something on load
+        return (print, ("pwned",))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    """A checkpoint that pickles an object (code on load) is refused, never executed."""
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match=r"--ckpt_path: .*evil.ckpt cannot be read as a checkpoint"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_a_damaged_feature_cache_entry_is_rebuilt_not_trusted(tsm_ckpt, synth_root, tmp_path):
+    tsm, _ = load_tsm(tsm_ckpt)
+    cache = FeatureCache(tsm, tsm_ckpt, str(tmp_path))
+    spec = dataset_specs(["dermamnist"])[0]
+    built = cache.get(synth_root, spec, 28, "val")
+    path = cache.path(spec, 28, "val")
+    assert path.with_name(path.name + ".sha256").is_file()
+    torch.save(torch.zeros_like(built), path)  # same shape, wrong content: only the hash can tell
+    with pytest.warns(UserWarning, match="does not match its recorded hash"):
+        again = cache.get(synth_root, spec, 28, "val")
+    assert torch.equal(again, built) and torch.equal(torch.load(path, weights_only=True), built)
