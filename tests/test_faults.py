@@ -100,9 +100,22 @@ def test_a_damaged_feature_cache_entry_is_rebuilt_not_trusted(tsm_ckpt, synth_ro
     cache = FeatureCache(tsm, tsm_ckpt, str(tmp_path))
     spec = dataset_specs(["dermamnist"])[0]
     built = cache.get(synth_root, spec, 28, "val")
-    path = cache.path(spec, 28, "val")
+    path = cache.path(synth_root, spec, 28, "val")
     assert path.with_name(path.name + ".sha256").is_file()
     torch.save(torch.zeros_like(built), path)  # same shape, wrong content: only the hash can tell
     with pytest.warns(UserWarning, match="does not match its recorded hash"):
         again = cache.get(synth_root, spec, 28, "val")
     assert torch.equal(again, built) and torch.equal(torch.load(path, weights_only=True), built)
+
+
+def test_feature_cache_entries_follow_the_data_file(tsm_ckpt, tmp_path):
+    """Same TSM, same dataset, size and split, other files (regenerated data): never the other file's features."""
+    from vitask_pl.data.synth import synthesize
+
+    tsm, _ = load_tsm(tsm_ckpt)
+    cache = FeatureCache(tsm, tsm_ckpt, str(tmp_path / "cache"))
+    spec = dataset_specs(["dermamnist"])[0]
+    synthesize(tmp_path / "a", ["dermamnist"], size=28, per_class=2)
+    synthesize(tmp_path / "b", ["dermamnist"], size=28, per_class=3)
+    a, b = cache.get(tmp_path / "a", spec, 28, "train"), cache.get(tmp_path / "b", spec, 28, "train")
+    assert (len(a), len(b)) == (2 * 7, 3 * 7)

@@ -1,8 +1,9 @@
 """TSM features computed once per split and reused by every VITask step (shared/VITASK.md §3).
 
 The TSM is frozen, so its features are a pure function of (TSM checkpoint, image, eval transform). They are
-stored per dataset split under ``{cache_dir}/{checkpoint sha256[:16]}/{flag}_{size}px_{split}_{kind}.pt``,
-for every row of the official file, so any ``max_samples`` subset can look them up by row.
+stored per dataset split under ``{cache_dir}/{checkpoint sha256[:16]}/{flag}_{size}px_{split}_{kind}_{source}.pt``,
+for every row of the data file, so any ``max_samples`` subset can look them up by row. ``source`` identifies the
+data file (path, size, modification time): regenerated or other files of the same dataset get their own entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from vitask_pl.atomic import save_torch, write_text
 from vitask_pl.data.catalog import DatasetSpec
 from vitask_pl.data.collate import ImageBatch
 from vitask_pl.data.dataset import JointDataset
-from vitask_pl.data.files import load_split
+from vitask_pl.data.files import load_split, npz_path
 from vitask_pl.models.tsm import TaskSpecificModel, extract_features
 
 
@@ -52,8 +53,11 @@ class FeatureCache:
         self.dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.dir = self.dir / file_sha256(tsm_ckpt)[:16]
 
-    def path(self, spec: DatasetSpec, size: int, split: str) -> Path:
-        return self.dir / f"{spec.flag}_{size}px_{split}_{self.kind}.pt"
+    def path(self, root: str | Path, spec: DatasetSpec, size: int, split: str) -> Path:
+        data = npz_path(root, spec.flag, size).resolve()
+        stat = data.stat()
+        source = hashlib.sha256(f"{data}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return self.dir / f"{spec.flag}_{size}px_{split}_{self.kind}_{source}.pt"
 
     def get(self, root: str | Path, spec: DatasetSpec, size: int, split: str, device="cpu") -> torch.Tensor:
         """``(N, F)`` (``(N, T, F)`` for patch) features of every row of the split; built and saved if missing.
@@ -61,7 +65,7 @@ class FeatureCache:
         An entry is trusted only if its content hash matches the ``.sha256`` written after it; anything else (a
         half-copied cache, a damaged disk) is rebuilt, with a note saying why.
         """
-        path = self.path(spec, size, split)
+        path = self.path(root, spec, size, split)
         digest = path.with_name(path.name + ".sha256")
         if path.is_file():
             if digest.is_file() and digest.read_text().strip() == file_sha256(path):
