@@ -15,7 +15,7 @@ from vitask_pl.data.chat import ChatBatch
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError
 from vitask_pl.eval.protocols import candidate_loglik, encode_prefix
-from vitask_pl.export import STAGE1, STAGE2, TSM, VANILLA, export, module_class
+from vitask_pl.export import STAGE1, VANILLA, export, read_checkpoint
 from vitask_pl.models.exemplar import TSMConnector, insert_slots
 from vitask_pl.models.tsm import load_tsm
 from vitask_pl.models.vlm import VLM, LoraSettings, family_of
@@ -185,15 +185,13 @@ def test_stage1_round_trip_with_connector(family, tiny_dirs, tsm_ckpt, synth_roo
             assert_same(score(vlm, ep, theirs_exemplars.flatten(0, 1)), ours["w_ep"], batch, atol, rtol)
 
 
-def test_module_class_reads_the_record_else_the_contents():
-    lora = {"vlm.model.x.lora_A.default.weight": torch.zeros(1)}
-    connector = {"core.connector.net.1.weight": torch.zeros(1)}
-    assert module_class({"hyper_parameters": {"vlm": "v"}, "state_dict": lora}) == VANILLA
-    assert module_class({"hyper_parameters": {"vlm": "v"}, "state_dict": connector}) == STAGE1
-    assert module_class({"hyper_parameters": {"init_from": "s1.ckpt"}, "state_dict": connector}) == STAGE2
-    assert module_class({"hyper_parameters": {"backbone": "resnet18"}, "state_dict": {}}) == TSM
-    recorded = {"vitask": {"module": STAGE2}, "hyper_parameters": {}, "state_dict": lora}
-    assert module_class(recorded) == STAGE2
+def test_the_module_class_comes_from_the_checkpoint_record(vanilla_ckpt, tmp_path):
+    checkpoint = torch.load(vanilla_ckpt[0], map_location="cpu", weights_only=True)
+    assert read_checkpoint(vanilla_ckpt[0])[1] == VANILLA == checkpoint["vitask"]["module"]
+    del checkpoint["vitask"]
+    torch.save(checkpoint, tmp_path / "unrecorded.ckpt")
+    with pytest.raises(ConfigError, match="CKPT: .*unrecorded.ckpt is not a vitask checkpoint"):
+        read_checkpoint(str(tmp_path / "unrecorded.ckpt"))
 
 
 def test_a_lora_tensor_without_a_place_or_a_layer_without_one_is_an_error(vanilla_ckpt, tmp_path):
@@ -258,7 +256,7 @@ def test_wrong_checkpoints_are_one_line(tsm_ckpt, vanilla_ckpt, tmp_path, capsys
     assert "CKPT:" in line and "nope.ckpt not found" in line and "vitask fit" in line
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     line = error_line(["export", str(tmp_path / "notes.txt"), "--out", out], capsys)
-    assert "is not a Lightning checkpoint" in line
+    assert "notes.txt cannot be read as a checkpoint" in line
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     inside = shutil.copy(vanilla_ckpt[0], run_dir / "checkpoints")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from vitask_pl.errors import ConfigError
 
 
 def _fsync(path: Path) -> None:
@@ -53,6 +57,36 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def sibling(path: Path, tag: str) -> Path:
+    """A hidden, unique name next to ``path``: same file system, so renames between them are atomic."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def publish_dir(tmp: Path, out: Path, replace: bool) -> bool:
+    """Rename the finished folder ``tmp`` to ``out``; False (``tmp`` discarded) if ``out`` exists and may not be
+    replaced. A replaced ``out`` is first moved aside, so at every instant ``out`` is the old or the new folder."""
+    try:
+        os.rename(tmp, out)  # atomic; also replaces an empty directory
+        return True
+    except OSError:
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+    old = sibling(out, "old")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return True
+
+
+def is_nonempty(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def overwrite_error(out: Path) -> ConfigError:
+    return ConfigError(f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out.")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.errors import ConfigError
 
 VANILLA = "vitask_pl.modules.vanilla.VanillaInstructionTuning"
 STAGE1 = "vitask_pl.modules.vitask.ExemplarPromptTuning"
@@ -26,47 +26,20 @@ CONNECTOR_PREFIX = "core.connector."
 STAGE_CKPT = "a vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (its checkpoints/last.ckpt or best-*.ckpt)"
 
 
-def module_class(checkpoint: dict) -> str:
-    """Dotted path of the LightningModule that wrote ``checkpoint``.
+def read_checkpoint(path: str) -> tuple[dict, str]:
+    """A VLM stage checkpoint (``weights_only``: data, never code) and the module class its record names."""
+    from vitask_pl.fingerprint import load, read
 
-    Checkpoints that record it (``checkpoint["vitask"]["module"]``) say so; older ones are recognised by what they
-    hold: TSM weights, the TSM connector (stage 1, or stage 2 when it started ``init_from`` stage 1), or neither.
-    """
-    recorded = (checkpoint.get("vitask") or {}).get("module")
-    if recorded:
-        return recorded
-    hp, state = checkpoint.get("hyper_parameters") or {}, checkpoint.get("state_dict") or {}
-    if "backbone" in hp or any(k.startswith("tsm.") for k in state):
-        return TSM
-    if any(k.startswith(CONNECTOR_PREFIX) for k in state):
-        return STAGE2 if "init_from" in hp else STAGE1
-    return VANILLA
-
-
-def read_checkpoint(path: str) -> dict:
-    """A VLM stage checkpoint (``weights_only``: a checkpoint is data, never code), or a one-line error."""
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise MissingFileError(f"CKPT: {path} not found; pass {STAGE_CKPT}.")
-    if file.is_dir():
+    if Path(path).expanduser().is_dir():
         raise ConfigError(f"CKPT: {path} is a directory, not a checkpoint file; pass {STAGE_CKPT}.")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a zip/pickle, or pickled objects weights_only refuses: not one of ours
-        raise ConfigError(
-            f"CKPT: {path} is not a Lightning checkpoint ({type(err).__name__}); pass {STAGE_CKPT}."
-        ) from err
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
-        raise ConfigError(
-            f"CKPT: {path} is not a Lightning checkpoint (no state_dict/hyper_parameters); pass {STAGE_CKPT}."
-        )
-    cls = module_class(checkpoint)
+    checkpoint = load(Path(path).expanduser(), "CKPT", STAGE_CKPT)
+    cls = read(checkpoint, path, "CKPT").get("module")
     if cls == TSM:
         raise ConfigError(f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
                           f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features).")  # fmt: skip
-    if cls not in VLM_PREFIX or "vlm" not in checkpoint["hyper_parameters"]:
+    if cls not in VLM_PREFIX:
         raise ConfigError(f"CKPT: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
-    return checkpoint
+    return checkpoint, cls
 
 
 def lora_weights(checkpoint: dict, cls: str, path: str) -> dict[str, torch.Tensor]:
@@ -208,27 +181,26 @@ def export(ckpt: str, *, out: str, merge: bool = False, force: bool = False) -> 
     Returns:
         The folder written.
     """
-    from vitask_pl.models.tiny import _is_nonempty, _overwrite_error, _publish, _sibling
+    from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
 
-    checkpoint = read_checkpoint(ckpt)
-    cls = module_class(checkpoint)
+    checkpoint, cls = read_checkpoint(ckpt)
     target = Path(out).expanduser()
-    if _is_nonempty(target) and not force:
-        raise _overwrite_error(target)
+    if is_nonempty(target) and not force:
+        raise overwrite_error(target)
     if Path(ckpt).expanduser().resolve().is_relative_to(target.resolve()):
         raise ConfigError(
             f"--out: {out} contains CKPT {ckpt}, which --force would delete; choose another --out."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, "tmp")
+    tmp = sibling(target, "tmp")
     tmp.mkdir()
     try:
         provenance = _write(tmp, checkpoint, ckpt, cls, merge)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not _publish(tmp, target, replace=force):
-        raise _overwrite_error(target)  # another process wrote --out while this one was exporting
+    if not publish_dir(tmp, target, replace=force):
+        raise overwrite_error(target)  # another process wrote --out while this one was exporting
     parts = ["LoRA (PEFT)"] + ["TSM connector"] * provenance["connector"] + ["merged model"] * merge
     print(
         f"export: wrote {', '.join(parts)} of {ckpt} ({cls.rsplit('.', 1)[-1]}, base {provenance['base']}) to {target}"

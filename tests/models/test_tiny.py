@@ -8,6 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vitask_pl.atomic import publish_dir  # noqa: E402
 from vitask_pl.data.catalog import FLAGS, dataset_specs  # noqa: E402
 from vitask_pl.data.prompts import candidate_responses, instruction  # noqa: E402
 from vitask_pl.errors import ConfigError  # noqa: E402
@@ -158,7 +159,7 @@ def test_losing_a_build_race_keeps_the_winner(tmp_path):
     (out / "config.json").write_text("winner")
     tmp.mkdir()
     (tmp / "config.json").write_text("loser")
-    assert not tiny._publish(tmp, out, replace=False)
+    assert not publish_dir(tmp, out, replace=False)
     assert (out / "config.json").read_text() == "winner" and not tmp.exists()
 
 

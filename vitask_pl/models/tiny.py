@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
 from vitask_pl.errors import ConfigError, suggest
 
 FAMILIES = ("internvl", "llava", "qwen2_vl", "idefics3")
@@ -409,46 +409,17 @@ def _write(family: str, out: Path, image_size: int, seed: int, pretrain_steps: i
     return type(model).__name__, sum(p.numel() for p in model.parameters())
 
 
-def _publish(tmp: Path, out: Path, replace: bool) -> bool:
-    """Rename the finished ``tmp`` to ``out``; False (``tmp`` discarded) if ``out`` exists and may not be replaced."""
-    try:
-        os.rename(tmp, out)  # atomic; also replaces an empty directory
-        return True
-    except OSError:
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-    old = _sibling(out, "old")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-    return True
-
-
-def _sibling(path: Path, tag: str) -> Path:
-    """A hidden, unique name next to ``path``: same file system, so renames between them are atomic."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _is_nonempty(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.iterdir()))
-
-
-def _overwrite_error(out: Path) -> ConfigError:
-    return ConfigError(f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out.")
-
-
 def _build(family: str, out: Path, image_size: int, seed: int, replace: bool, pretrain_steps: int = 0) -> bool:
     """Build into a temporary sibling of ``out`` and rename it into place, so ``out`` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
+    tmp = sibling(out, "tmp")
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
     try:
         name, n_params = _write(family, tmp, image_size, seed, pretrain_steps)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not _publish(tmp, out, replace):
+    if not publish_dir(tmp, out, replace):
         return False
     warm = f", {pretrain_steps} text warm-up steps" if pretrain_steps else ""
     print(f"tiny-vlm: wrote {family} ({name}, {n_params:,} parameters, {image_size} px, seed {seed}{warm}) to {out}")
@@ -463,10 +434,10 @@ def build_tiny_vlm(
     ``pretrain_steps`` > 0 warms its language model up on the prompt text (see :func:`_pretrain_text`)."""
     _check(family, image_size)
     path = Path(out).expanduser()
-    if _is_nonempty(path) and not force:
-        raise _overwrite_error(path)
+    if is_nonempty(path) and not force:
+        raise overwrite_error(path)
     if not _build(family, path, image_size, seed, replace=force, pretrain_steps=pretrain_steps):
-        raise _overwrite_error(path)  # another process wrote ``out`` while this one was building
+        raise overwrite_error(path)  # another process wrote ``out`` while this one was building
     return str(path)
 
 
@@ -488,7 +459,7 @@ def resolve_tiny(spec: str, image_size: int = 28, *, option: str = "--family") -
     _check(family, image_size, option)
     target = tiny_cache_dir() / f"{family}-{image_size}px-{VERSION}"
     # Builds are published by rename, so a directory here is complete; a racing build that loses is discarded.
-    if not _is_nonempty(target):
+    if not is_nonempty(target):
         _build(family, target, image_size, seed=0, replace=False, pretrain_steps=SPEC_PRETRAIN_STEPS)
     return str(target)
 
