@@ -112,6 +112,19 @@ def stage1_ckpt(tmp_path_factory, synth_root, tiny_dirs, tsm_ckpt, feature_cache
     return str(root / "checkpoints" / "last.ckpt")
 
 
+def kill_and_resume(args, tmp_path) -> tuple[dict, dict, int]:
+    """Run ``args`` straight and, beside it, a twin killed at its first checkpoint then resumed; both end states
+    and the step the twin was killed at."""
+    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    straight = start(args("straight"))  # runs beside the one to be killed: two cores, one thread each
+    kill_at_first_checkpoint(args("crashed"), last)
+    finish(straight)
+    killed_at = state(last)["global_step"]
+    resumed = vitask([*args("crashed"), "--ckpt_path", "last"])
+    assert "Restoring states from the checkpoint" in resumed
+    return state(tmp_path / "straight" / "checkpoints" / "last.ckpt"), state(last), killed_at
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["tsm", "vanilla", "ep", "rda_crt"])
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(stage, tmp_path, synth_root, tiny_dirs, tsm_ckpt,
@@ -121,16 +134,29 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(stage, tmp_path, synth_r
     def args(name: str) -> list[str]:
         return stage_args(stage, tmp_path / name, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir, init_from)
 
-    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
-    straight = start(args("straight"))  # runs beside the one to be killed: two cores, one thread each
-    kill_at_first_checkpoint(args("crashed"), last)
-    finish(straight)
-    killed_at = state(last)["global_step"]
+    straight, resumed, killed_at = kill_and_resume(args, tmp_path)
     assert 0 < killed_at < STEPS_PER_EPOCH * EPOCHS and killed_at % STEPS_PER_EPOCH != 0  # mid-epoch
+    assert_identical(straight, resumed)
 
-    resumed = vitask([*args("crashed"), "--ckpt_path", "last"])
-    assert "Restoring states from the checkpoint" in resumed
-    assert_identical(state(tmp_path / "straight" / "checkpoints" / "last.ckpt"), state(last))
+
+@pytest.mark.slow
+def test_killed_at_an_epoch_end_with_an_injected_schedule_resumes_exactly(tmp_path, synth_root, tiny_dirs, tsm_ckpt,
+                                                                         feature_cache_dir):  # fmt: skip
+    """A checkpoint on an epoch's last batch (the save waits for that epoch's validation), and a scheduler given in
+    the config, with which Lightning itself applies the loader state: the same weights, and the same validations
+    (so the same best checkpoint) as a run that never stopped."""
+
+    def args(name: str) -> list[str]:
+        return [*stage_args("tsm", tmp_path / name, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir),
+                "--last_checkpoint.every_n_train_steps", str(STEPS_PER_EPOCH),
+                "--model.init_args.scheduler", "torch.optim.lr_scheduler.ExponentialLR",
+                "--model.init_args.scheduler.gamma", "0.5"]  # fmt: skip
+
+    straight, resumed, killed_at = kill_and_resume(args, tmp_path)
+    assert killed_at == STEPS_PER_EPOCH
+    assert_identical(straight, resumed)
+    best = [sorted(p.name for p in (tmp_path / run / "checkpoints").glob("best-*")) for run in ("straight", "crashed")]
+    assert best[0] == best[1] and best[0]
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         check_output_dir,
         checkpoint_bytes,
         refuse_fresh_over_earlier,
+        remove_stale_temporaries,
     )
     from vitask_pl.resume import ExactResume, LastCheckpoint
 
@@ -106,7 +107,11 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks[:0] = [ExactResume(), FiniteLoss()]
+            # last.ckpt is written last, so it holds every other callback's state as of the same moment (the
+            # best checkpoint's score included, when both save at one validation's end).
+            last = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
+            others = [cb for cb in trainer.callbacks if not isinstance(cb, LastCheckpoint)]
+            trainer.callbacks[:] = [ExactResume(), FiniteLoss(), *others, *last]
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # DeepSpeed/FSDP-sharded write their own
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
@@ -114,6 +119,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def before_fit(self) -> None:
             folder = self.trainer.checkpoint_callback.dirpath
             refuse_fresh_over_earlier(folder, self.config.fit.ckpt_path)
+            if self.trainer.is_global_zero:
+                remove_stale_temporaries(folder)
             check_output_dir(folder, need_bytes=3 * checkpoint_bytes(self.model) + MARGIN_BYTES)
 
     return VitaskCLI(

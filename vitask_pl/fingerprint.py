@@ -113,4 +113,6 @@ def stamp(checkpoint: dict, module: torch.nn.Module) -> None:
 def check_resume(module, checkpoint: dict) -> None:
     """``on_load_checkpoint`` of every stage: the checkpoint ``--ckpt_path`` named must be of this configuration."""
     trainer = module._trainer  # None when loaded by hand (notebooks); `.trainer` would raise there
-    check(checkpoint, module, path=getattr(trainer, "ckpt_path", None) or "the checkpoint")
+    # The same datasets, in order: a batch's dataset index means the same dataset to the data and the model.
+    compare(read(checkpoint, path := getattr(trainer, "ckpt_path", None) or "the checkpoint", "--ckpt_path"),
+            fingerprint(module), path=path, option="--ckpt_path", same_datasets=True)  # fmt: skip

@@ -47,8 +47,10 @@ def check_output_dir(ckpt_dir: str | Path, *, need_bytes: int, option: str = "--
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         probe = ckpt_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"0")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"0")
+        finally:
+            probe.unlink(missing_ok=True)
         free = shutil.disk_usage(ckpt_dir).free
     except OSError as err:
         raise ConfigError(f"{option}: cannot write checkpoints to {ckpt_dir} ({err.strerror or err}); pass a "
@@ -62,6 +64,12 @@ def check_output_dir(ckpt_dir: str | Path, *, need_bytes: int, option: str = "--
             f"{option}: {ckpt_dir} has {free / 2**20:.0f} MiB free but this run needs about {need_bytes / 2**20:.0f} "
             f"MiB for its checkpoints; free space or pass a folder on a larger disk."
         )
+
+
+def remove_stale_temporaries(ckpt_dir: str | Path) -> None:
+    """Checkpoints a killed run was writing (``.name.<pid>.tmp.ckpt``, never trusted) only take disk space."""
+    for tmp in Path(ckpt_dir).glob(".*.tmp.ckpt") if Path(ckpt_dir).is_dir() else []:
+        tmp.unlink(missing_ok=True)
 
 
 def refuse_fresh_over_earlier(ckpt_dir: str | Path, ckpt_path: str | None) -> None:

@@ -15,7 +15,7 @@ from vitask_pl.data.dataset import JointDataset, JointSampler
 from vitask_pl.data.files import Split, download, load_split, missing_file_message, npz_path
 from vitask_pl.data.negatives import NegativeSampler
 from vitask_pl.errors import ConfigError, MissingFileError
-from vitask_pl.resume import ResumableLoader
+from vitask_pl.resume import ResumableLoader, running_epoch
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -142,7 +142,7 @@ class MedMNISTDataModule(L.LightningDataModule):
             weights = None if self.sampling_weights is None else [self.sampling_weights.get(f, 1.0) for f in self.flags]
             sampler = JointSampler(
                 sizes, shuffle=True, weights=weights, num_samples=self.epoch_samples if weights else None,
-                seed=self.seed, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+                seed=self.seed, epoch_fn=lambda: running_epoch(self.trainer) if self.trainer is not None else 0,
             )  # fmt: skip
         else:
             ds.augment_shift = 0
@@ -163,7 +163,10 @@ class MedMNISTDataModule(L.LightningDataModule):
     def _train_progress(self) -> tuple[int, int]:
         """``(epoch, batches trained in it)``: where a checkpoint written now stands in the data."""
         loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
+        batches = loop.epoch_loop.batch_progress
+        if batches.is_last_batch:  # the epoch is done: a resumed run starts the next one from its first batch
+            return loop.epoch_progress.current.completed + 1, 0
+        return running_epoch(self.trainer), batches.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", train=True, negatives=bool(self._module_attr("needs_negatives", False)))
