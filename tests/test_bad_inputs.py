@@ -200,6 +200,7 @@ CASES = [
     case("ckpt-path-other-datasets", fit("ep", "--data.datasets", "[pneumoniamnist]", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "differs in datasets", "datasets ['pneumoniamnist']"),
     case("init-from-other-lora-rank", fit("rda_crt", "--model.init_args.lora.r", "4"), "--model.init_args.init_from", "{stage1}", "differs in lora_r", "lora_r 8", "lora_r 4"),
     case("init-from-other-family", fit("rda_crt", "--model.init_args.vlm", "{qwen}"), "--model.init_args.init_from", "{stage1}", "differs in family", "family internvl", "family qwen2_vl"),
+    case("resume-without-last-ckpt", fit("tsm", "--ckpt_path", "last"), "--ckpt_path", "--ckpt_path last: {out}/checkpoints holds no last.ckpt"),
     case("fit-over-earlier-run", fit("ep", "--trainer.default_root_dir", "{run}"), "--trainer.default_root_dir", "{run}", "--ckpt_path last"),
     case("output-dir-unwritable", fit("tsm", "--trainer.default_root_dir", "{data}/dermamnist.npz/run"), "--trainer.default_root_dir", "{data}/dermamnist.npz/run", "cannot write"),
     # models: tiny builds and local VLM directories

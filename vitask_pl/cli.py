@@ -50,6 +50,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities import rank_zero_warn
 
     from vitask_pl.atomic import AtomicCheckpointIO
     from vitask_pl.data.catalog import resolve_flags
@@ -122,6 +123,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if self.trainer.is_global_zero:
                 remove_stale_temporaries(folder)
             check_output_dir(folder, need_bytes=3 * checkpoint_bytes(self.model) + MARGIN_BYTES)
+
+        def before_test(self) -> None:
+            if self.config.test.ckpt_path is None:
+                rank_zero_warn("no --ckpt_path: evaluating the model as the config builds it (untrained adapters, "
+                               "or init_from's), not a trained checkpoint")  # fmt: skip
+
+        before_predict = before_test
 
     return VitaskCLI(
         LightningModule,

@@ -73,8 +73,12 @@ def remove_stale_temporaries(ckpt_dir: str | Path) -> None:
 
 
 def refuse_fresh_over_earlier(ckpt_dir: str | Path, ckpt_path: str | None) -> None:
-    """A fresh ``fit`` into a folder with an earlier run's checkpoints would overwrite them: refuse."""
+    """A fresh ``fit`` into a folder with an earlier run's checkpoints would overwrite them: refuse. And ``last``
+    with nothing to resume is a mistake too (Lightning would warn and silently start from scratch)."""
     earlier = last_checkpoints(ckpt_dir)
+    if ckpt_path == "last" and not earlier:
+        raise ConfigError(f"--ckpt_path last: {ckpt_dir} holds no last.ckpt to resume; check "
+                          f"--trainer.default_root_dir, or drop --ckpt_path to start afresh.")  # fmt: skip
     if ckpt_path is None and earlier:
         raise ConfigError(
             f"--trainer.default_root_dir: {Path(ckpt_dir).parent} already holds an earlier run's checkpoint "

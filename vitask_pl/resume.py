@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 
@@ -102,6 +103,10 @@ class ExactResume(L.Callback):
         if loop._data_fetcher is None or not any(getattr(dl, "resume_state", None) for dl in loaders):
             return
         epoch = running_epoch(trainer)
+        states = [dl.resume_state for dl in loaders if isinstance(dl, ResumableLoader) and dl.resume_state]
+        skip = [batches for saved, batches in states if saved == epoch]
+        rank_zero_info(f"resuming {trainer.ckpt_path} at epoch {epoch}, batch {skip[0] if skip else 0} of "
+                       f"{trainer.num_training_batches} (step {trainer.global_step})")  # fmt: skip
         for dl in loaders:
             _set_sampler_epoch(dl, epoch)
             if isinstance(dl, ResumableLoader):
