@@ -125,7 +125,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             check_output_dir(folder, need_bytes=3 * checkpoint_bytes(self.model) + MARGIN_BYTES)
 
         def before_test(self) -> None:
-            if self.config.test.ckpt_path is None:
+            if self.config[self.subcommand].ckpt_path is None:
                 rank_zero_warn("no --ckpt_path: evaluating the model as the config builds it (untrained adapters, "
                                "or init_from's), not a trained checkpoint")  # fmt: skip
 
