@@ -149,3 +149,12 @@ def test_console_script_runs_as_a_process(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "synthetic" in done.stdout.lower() and (tmp_path / "breastmnist.npz").is_file()
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_evaluating_without_a_checkpoint_says_so(command, capsys, synth_root, tmp_path):
+    with pytest.warns(UserWarning, match="no --ckpt_path: evaluating the model as the config builds it"):
+        code, _, err = run([command, "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
+                            "--data.root", str(synth_root), "--data.datasets", "[dermamnist]",
+                            "--trainer.default_root_dir", str(tmp_path), *TINY_TSM], capsys)  # fmt: skip
+    assert code == 0, err
