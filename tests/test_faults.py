@@ -5,7 +5,7 @@ import errno
 import pytest
 import torch
 
-from vitask_pl.atomic import AtomicCheckpointIO, atomic_path
+from vitask_pl.atomic import AtomicCheckpointIO, atomic_path, remove_temporaries
 from vitask_pl.data.catalog import dataset_specs
 from vitask_pl.models.feature_cache import FeatureCache
 from vitask_pl.models.tsm import load_tsm
@@ -80,6 +80,23 @@ def test_atomic_path_publishes_only_complete_files(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole" and list(target.parent.iterdir()) == [target]
+
+
+def test_a_killed_saves_temporary_is_removed_and_nothing_else(tmp_path, monkeypatch):
+    def killed(obj, f, *args, **kwargs):  # the process dies mid-save: its temporary stays behind
+        open(f, "wb").write(b"half")
+        raise SystemExit(137)
+
+    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr("pathlib.Path.unlink", lambda self, missing_ok=False: None)  # no cleanup runs in a SIGKILL
+    with pytest.raises(SystemExit):
+        AtomicCheckpointIO().save_checkpoint({}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    (tmp_path / "best.ckpt").write_bytes(b"kept")
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 2 and any(n.startswith(".last.") and n.endswith(".tmp.ckpt") for n in left)
+    remove_temporaries(tmp_path, ".ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
 
 
 class Payload:

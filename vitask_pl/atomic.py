@@ -20,6 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from vitask_pl.errors import ConfigError
 
+TMP = ".tmp"  # the marker in every temporary name atomic_path makes: `.{stem}.{pid}.tmp{suffix}`
+
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -38,12 +40,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{TMP}{path.suffix}")
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | Path, suffix: str) -> None:
+    """Delete what killed writers left in ``folder`` (never trusted, only taking disk space)."""
+    for tmp in Path(folder).glob(f".*{TMP}{suffix}") if Path(folder).is_dir() else []:
         tmp.unlink(missing_ok=True)
 
 

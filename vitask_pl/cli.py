@@ -52,7 +52,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.utilities import rank_zero_warn
 
-    from vitask_pl.atomic import AtomicCheckpointIO
+    from vitask_pl.atomic import AtomicCheckpointIO, remove_temporaries
     from vitask_pl.data.catalog import resolve_flags
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.fingerprint import compare, load, read
@@ -62,7 +62,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         check_output_dir,
         checkpoint_bytes,
         refuse_fresh_over_earlier,
-        remove_stale_temporaries,
     )
     from vitask_pl.resume import ExactResume, LastCheckpoint
 
@@ -92,7 +91,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             config = self.config[subcommand] if subcommand else None
             path = config.get("ckpt_path") if config else None
             if path and Path(path).is_file():
-                record = read(load(path, "--ckpt_path"), path, "--ckpt_path")
+                record = read(load(path, "--ckpt_path", mmap=True), path, "--ckpt_path")
                 run = {"stage": config.model.class_path.rsplit(".", 1)[-1],
                        "datasets": resolve_flags(config.data.init_args.datasets)}  # fmt: skip
                 compare(record, run, path=path, option="--ckpt_path", same_datasets=True)
@@ -121,7 +120,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             folder = self.trainer.checkpoint_callback.dirpath
             refuse_fresh_over_earlier(folder, self.config.fit.ckpt_path)
             if self.trainer.is_global_zero:
-                remove_stale_temporaries(folder)
+                remove_temporaries(folder, ".ckpt")  # a killed save's; never trusted
             check_output_dir(folder, need_bytes=3 * checkpoint_bytes(self.model) + MARGIN_BYTES)
 
         def before_test(self) -> None:

@@ -21,7 +21,7 @@ STAGE_NAMES = {
     "ExemplarPromptTuning": "stage 1 (EP)",
     "RDACRTTuning": "stage 2 (RDA+CRT)",
 }
-# Fields that must agree; ``datasets`` is handled apart (a VLM stage may be evaluated on a subset).
+# Fields that must agree; ``datasets`` is handled apart (stage 2 may train on a subset of stage 1's datasets).
 FIELDS = ("family", "hidden_size", "lora_r", "tsm_width", "backbone", "image_size")
 
 
@@ -59,12 +59,16 @@ def describe(record: dict) -> str:
     return ", ".join(parts)
 
 
-def load(path: str | Path, option: str, produced_by: str = "`vitask fit`") -> dict:
-    """``torch.load`` with ``weights_only=True``: a checkpoint is data, never code; a bad file is one line."""
+def load(path: str | Path, option: str, produced_by: str = "`vitask fit`", *, mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``: a checkpoint is data, never code; a bad file is one line.
+
+    ``mmap=True`` maps the tensors instead of reading them: for a look at the record before Lightning loads
+    the same file in full.
+    """
     if not Path(path).is_file():
         raise MissingFileError(f"{option}: {path} not found; produce it with {produced_by}.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, foreign pickle, objects outside the weights-only allowlist
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{option}: {path} cannot be read as a checkpoint ({reason}); pass a checkpoint written "
@@ -101,9 +105,10 @@ def compare(theirs: dict, ours: dict, *, path: str | Path, option: str, stages: 
 
 
 def check(checkpoint: dict, module: torch.nn.Module, *, path: str | Path, option: str = "--ckpt_path",
-          stages: tuple[str, ...] | None = None) -> None:  # fmt: skip
+          stages: tuple[str, ...] | None = None, same_datasets: bool = False) -> None:  # fmt: skip
     """Refuse ``checkpoint`` unless it was trained as what ``module`` is (or one of ``stages``)."""
-    compare(read(checkpoint, path, option), fingerprint(module), path=path, option=option, stages=stages)
+    compare(read(checkpoint, path, option), fingerprint(module), path=path, option=option, stages=stages,
+            same_datasets=same_datasets)  # fmt: skip
 
 
 def stamp(checkpoint: dict, module: torch.nn.Module) -> None:
@@ -114,5 +119,4 @@ def check_resume(module, checkpoint: dict) -> None:
     """``on_load_checkpoint`` of every stage: the checkpoint ``--ckpt_path`` named must be of this configuration."""
     trainer = module._trainer  # None when loaded by hand (notebooks); `.trainer` would raise there
     # The same datasets, in order: a batch's dataset index means the same dataset to the data and the model.
-    compare(read(checkpoint, path := getattr(trainer, "ckpt_path", None) or "the checkpoint", "--ckpt_path"),
-            fingerprint(module), path=path, option="--ckpt_path", same_datasets=True)  # fmt: skip
+    check(checkpoint, module, path=getattr(trainer, "ckpt_path", None) or "the checkpoint", same_datasets=True)

@@ -66,12 +66,6 @@ def check_output_dir(ckpt_dir: str | Path, *, need_bytes: int, option: str = "--
         )
 
 
-def remove_stale_temporaries(ckpt_dir: str | Path) -> None:
-    """Checkpoints a killed run was writing (``.name.<pid>.tmp.ckpt``, never trusted) only take disk space."""
-    for tmp in Path(ckpt_dir).glob(".*.tmp.ckpt") if Path(ckpt_dir).is_dir() else []:
-        tmp.unlink(missing_ok=True)
-
-
 def refuse_fresh_over_earlier(ckpt_dir: str | Path, ckpt_path: str | None) -> None:
     """A fresh ``fit`` into a folder with an earlier run's checkpoints would overwrite them: refuse. And ``last``
     with nothing to resume is a mistake too (Lightning would warn and silently start from scratch)."""
