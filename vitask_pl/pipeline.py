@@ -24,8 +24,17 @@ STAGES = {  # stage -> (config name, evaluations after fit)
     "rda_crt": ("rda_crt", ("predict", "incomplete", "contrast")),
     "rda_only": ("rda_crt", ()),
     "crt_only": ("rda_crt", ()),
+    # The paper's incomplete-instruction experiment (Fig. 4): trained *and* tested without the label list.
+    "vanilla_incomplete": ("vanilla", ()),
+    "ep_incomplete": ("ep", ()),
+    "rda_crt_incomplete": ("rda_crt", ()),
 }
 ABLATIONS = {"rda_only": {"model.init_args.beta": 0}, "crt_only": {"model.init_args.alpha": 0}}
+INCOMPLETE = ("vanilla_incomplete", "ep_incomplete", "rda_crt_incomplete")
+# What each VITask stage starts from and whose step budget it shares (see `match_vanilla_steps`).
+INIT_FROM = {"rda_crt": "ep", "rda_only": "ep", "crt_only": "ep", "rda_crt_incomplete": "ep_incomplete"}
+BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in STAGES}
+FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -70,8 +79,10 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
     fit = _run(["fit", *base, *(["--ckpt_path", "last"] if resume else [])])
     times["fit"] = time.monotonic() - start
     best = fit.trainer.checkpoint_callback.best_model_path
-    ckpt = best if name == "tsm" and best else str(stage_dir / "checkpoints" / "last.ckpt")
-    record.update(checkpoint=ckpt, train_log=str(Path(fit.trainer.log_dir) / "metrics.csv"))
+    # The TSM and the baselines are tested at their best validation checkpoint (trained to a plateau); the VITask
+    # stages run a fixed budget of steps and are tested where it ends.
+    ckpt = best if name in ("tsm", "vanilla", "vanilla_incomplete") and best else str(stage_dir / "checkpoints" / "last.ckpt")
+    record.update(checkpoint=ckpt, train_log=str(Path(fit.trainer.log_dir) / "metrics.csv"), steps=_steps(ckpt))
     start = time.monotonic()
     tested = _run(["test", *base, "--ckpt_path", ckpt])
     record["metrics"] = str(Path(tested.trainer.log_dir) / "metrics.json")
@@ -91,6 +102,36 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
     record["wall_time_s"] = times
     write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _steps(ckpt: str) -> int:
+    """The optimizer steps that produced ``ckpt``."""
+    from vitask_pl.fingerprint import load
+
+    return int(load(ckpt, "checkpoint", mmap=True)["global_step"])
+
+
+def run_probes(seed_dir: Path, config_args: list[str], overrides: dict) -> dict:
+    """Linear-probe ceilings of the baseline's data and VLM: frozen image features and pixels (``probes.json``)."""
+    from vitask_pl.eval.probe import pixels, probe_table, vlm_image_features
+
+    out = seed_dir / "probe" / "probes.json"
+    if out.is_file():
+        print(f"[pipeline] {seed_dir.name}/probe: done earlier, skipped ({out})")
+        return json.loads(out.read_text())
+    print(f"[pipeline] {seed_dir.name}/probe: linear probes on the VLM's frozen image features and on pixels")
+    start = time.monotonic()
+    built = _run([*config_args, *cli_args(overrides)], run=False)
+    module, datamodule = built.model, built.datamodule
+    module.eval()
+    splits = {s: datamodule.load(s) for s in ("train", "val", "test")}
+    tables = {
+        "features": probe_table(module.specs, splits, lambda im: vlm_image_features(module.vlm, module.collate, im)),
+        "pixels": probe_table(module.specs, splits, pixels),
+        "wall_time_s": time.monotonic() - start,
+    }
+    write_text(out, json.dumps(tables, indent=2) + "\n")
+    return tables
 
 
 def _contrast(base: list[str], ckpt: str) -> dict:
@@ -115,10 +156,14 @@ def pipeline(
     runs_root: str = "runs",
     configs: str = "configs",
     overlay: str | None = "offline",
+    vlm: str | None = None,
     synthesize: dict | None = None,
     common: dict | None = None,
     stages: dict[str, dict] | None = None,
     ablations: bool = False,
+    incomplete: bool = False,
+    probes: bool = True,
+    match_vanilla_steps: bool = False,
     seeds: int = 1,
     seed: int = 0,
 ) -> Path:
@@ -129,10 +174,19 @@ def pipeline(
         runs_root: folder of runs.
         configs: folder of the stage configs (``tsm.yaml``, ``vanilla.yaml``, ``ep.yaml``, ``rda_crt.yaml``).
         overlay: sub-folder of ``configs`` with overlays of the same names (``offline``), or ``null``.
+        vlm: the VLM of every VLM stage and of the probes (``tiny:internvl-generalist``, a directory or a hub id),
+            over what the stage configs name; ``null`` keeps theirs.
         synthesize: ``{root, per_class, size}``: write synthetic MedMNIST files there first if missing.
         common: overrides for every stage, dotted keys (``{data.root: data/synthetic, data.datasets: all}``).
         stages: per-stage overrides, ``{tsm: {trainer.max_epochs: 4}, vanilla: {...}, ep: {...}, rda_crt: {...}}``.
         ablations: also run the paper's Table 2 rows: stage 2 with RDA only (beta 0) and CRT only (alpha 0).
+        incomplete: also run the paper's incomplete-instruction experiment: vanilla IT and VITask (both stages)
+            trained and tested on instructions without the label list.
+        probes: measure the linear-probe ceilings (the VLM's frozen image features, and pixels) of every dataset
+            on the baseline's data, for the report's validity check.
+        match_vanilla_steps: give VITask vanilla IT's optimizer steps (to its best validation checkpoint): stage 1
+            half of them, stage 2 (and each ablation) the rest. Train vanilla to a plateau for this to be fair
+            (early stopping in ``stages.vanilla``).
         seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
         seed: first seed.
     """
@@ -147,7 +201,7 @@ def pipeline(
         raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}.")
     if synthesize:
         _ensure_synthetic(**synthesize)
-    order = ["tsm", "vanilla", "ep", "rda_crt"] + (list(ABLATIONS) if ablations else [])
+    order = ["tsm", "vanilla", "ep", "rda_crt"] + (list(ABLATIONS) if ablations else []) + (list(INCOMPLETE) if incomplete else [])
     start = time.monotonic()
     for k in range(seeds):
         seed_dir = run_dir / f"seed{seed + k}"
@@ -158,13 +212,30 @@ def pipeline(
             if overlay:
                 config_args += ["--config", str(Path(configs) / overlay / f"{config}.yaml")]
             overrides = {**(common or {}), **stages.get(config, {}), **stages.get(stage, {}), **ABLATIONS.get(stage, {})}
-            if stage not in ("tsm", "vanilla"):  # checkpoints chain: TSM -> both VITask stages, stage 1 -> stage 2
+            if vlm and stage != "tsm":
+                overrides["model.init_args.vlm"] = vlm
+            if stage in INCOMPLETE:
+                overrides["data.incomplete_instruction"] = True
+            if stage not in ("tsm", "vanilla", "vanilla_incomplete"):  # TSM -> both VITask stages
                 overrides["model.init_args.tsm_ckpt"] = records["tsm"]["checkpoint"]
-            if stage in ("rda_crt", *ABLATIONS):
-                overrides["model.init_args.init_from"] = records["ep"]["checkpoint"]
+            if stage in INIT_FROM:  # stage 1 -> stage 2
+                overrides["model.init_args.init_from"] = records[INIT_FROM[stage]]["checkpoint"]
+            if match_vanilla_steps and stage in (*FIRST_HALF, *INIT_FROM):
+                total = records[BASELINE[stage]]["steps"]
+                overrides["trainer.max_steps"] = max(1, total // 2 if stage in FIRST_HALF else total - total // 2)
+                overrides["trainer.max_epochs"] = -1
             records[stage] = run_stage(stage, seed_dir, config_args, overrides, seed + k)
-    summary = {"name": name, "seeds": [seed + k for k in range(seeds)], "ablations": ablations,
-               "wall_time_s": time.monotonic() - start, "synthetic": bool(synthesize)}  # fmt: skip
+            if stage == "vanilla" and probes:
+                run_probes(seed_dir, config_args, {**overrides, "seed_everything": seed + k})
+    summary = {
+        "name": name,
+        "seeds": [seed + k for k in range(seeds)],
+        "ablations": ablations,
+        "incomplete": incomplete,
+        "match_vanilla_steps": match_vanilla_steps,
+        "wall_time_s": time.monotonic() - start,
+        "synthetic": bool(synthesize),
+    }
     write_text(run_dir / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     report(str(run_dir))
     return run_dir

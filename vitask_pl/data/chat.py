@@ -135,13 +135,9 @@ class ChatBatch:
         )  # fmt: skip
 
     def __call__(self, samples: list[dict]) -> dict:
-        texts, label_ids, tails = [], [], []
-        for s in samples:
-            texts.append(self.template.render(s["instruction"], s["response"]))
-            ids, tail = self.template.continuation(s["instruction"], s["response"])
-            label_ids.append(ids)
-            tails.append(tail)
-        enc = self.encode_images(texts, [s["image"] for s in samples])
+        instructions = [s["instruction"] for s in samples]
+        responses = [s["response"] for s in samples]
+        texts, enc, labels, prompt_len = self.encode([s["image"] for s in samples], instructions, responses)
         lengths = enc["attention_mask"].sum(dim=1)
         if int(lengths.max()) > self.max_length:
             worst = int(lengths.argmax())
@@ -150,13 +146,6 @@ class ChatBatch:
                 f"{self.specs[samples[worst]['dataset']].flag} sample ({int(lengths[worst])} tokens); raise it to at "
                 f"least {int(lengths.max())} (samples are never truncated)."
             )
-        prompt_len = lengths - torch.tensor(tails)
-        labels = torch.full_like(enc["input_ids"], IGNORE)
-        for row, (start, ids) in enumerate(zip(prompt_len.tolist(), label_ids)):
-            if enc["input_ids"][row, start : start + len(ids)].tolist() != ids:
-                raise ConfigError("--model.init_args.vlm: the processor's tokenization of the conversation does not "
-                                  "match the chat template's (template parity); check the processor's template.")  # fmt: skip
-            labels[row, start : start + len(ids)] = torch.tensor(ids)
         batch = {k: enc[k] for k in self.TEXT_KEYS if k in enc}
         batch["labels"] = labels
         batch["pixel"] = {k: v for k, v in enc.items() if k not in self.TEXT_KEYS}
@@ -172,6 +161,28 @@ class ChatBatch:
         batch["index"] = torch.tensor([s["index"] for s in samples])
         batch["targets"] = joint_targets(self.specs, dataset, [s["label"] for s in samples])
         return batch
+
+    def encode(self, images: list[np.ndarray], instructions: list[str], responses: list[str]):
+        """One-image conversations -> ``(texts, processor output, labels (B, L), prompt lengths (B,))``.
+
+        Labels hold the response and end-of-turn ids and ``IGNORE`` elsewhere, checked against the chat
+        template's own tokenization (template parity).
+        """
+        texts, label_ids, tails = [], [], []
+        for instruction, response in zip(instructions, responses):
+            texts.append(self.template.render(instruction, response))
+            ids, tail = self.template.continuation(instruction, response)
+            label_ids.append(ids)
+            tails.append(tail)
+        enc = self.encode_images(texts, images)
+        prompt_len = enc["attention_mask"].sum(dim=1) - torch.tensor(tails)
+        labels = torch.full_like(enc["input_ids"], IGNORE)
+        for row, (start, ids) in enumerate(zip(prompt_len.tolist(), label_ids)):
+            if enc["input_ids"][row, start : start + len(ids)].tolist() != ids:
+                raise ConfigError("--model.init_args.vlm: the processor's tokenization of the conversation does not "
+                                  "match the chat template's (template parity); check the processor's template.")  # fmt: skip
+            labels[row, start : start + len(ids)] = torch.tensor(ids)
+        return texts, enc, labels, prompt_len
 
     def candidate_tensors(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         cands = [self.candidates(s["dataset"], s["instruction"]) for s in samples]
