@@ -48,6 +48,6 @@ def test_multi_label_targets_and_probe():
     spec = dataset_specs(["chestmnist"])[0]
     g = np.random.default_rng(0)
     labels = {s: (g.random((100, 14)) < 0.3).astype(np.int64) for s in ("train", "val", "test")}
-    feats = {s: torch.from_numpy(4.0 * l + g.normal(size=l.shape)).float() for s, l in labels.items()}
+    feats = {s: torch.from_numpy(4.0 * y + g.normal(size=y.shape)).float() for s, y in labels.items()}
     assert torch.equal(targets(spec, labels["test"]), torch.from_numpy(labels["test"]))
     assert probe(spec, feats, labels)["acc"] > 0.95
