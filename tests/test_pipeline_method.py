@@ -68,4 +68,4 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected))
     report = (run / "report.md").read_text()
     assert "Probe ceiling: VLM frozen image features" in report and "Paired differences" in report
-    assert "x the linear-probe ceiling" in report
+    assert "Is the testbed valid?" in report and "× the ceiling" in report

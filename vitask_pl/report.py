@@ -222,16 +222,7 @@ def _reading(results: dict, records: dict) -> list[str]:
     for row in ("VITask w/ EP", "VITask w/o EP", "Stage 1 (EP) w/ EP"):
         if base is not None and avg(row) is not None:
             out.append(f"- {row} vs vanilla IT: {avg(row) - base:+.3f} ACC, "
-                       f"{avg(row, 'f1') - avg('Vanilla IT', 'f1'):+.3f} macro-F1 (12-dataset average).")  # fmt: skip
-    ceiling = avg(PROBES["features"])
-    if base is not None and ceiling:
-        ratio = base / ceiling
-        verdict = "at or above" if ratio >= VALID_RATIO else "BELOW"
-        out.append(f"- Vanilla IT reaches {ratio:.2f} x the linear-probe ceiling of the VLM's frozen image features "
-                   f"({base:.3f} vs {ceiling:.3f} ACC): {verdict} the {VALID_RATIO} x that a properly trained baseline "
-                   f"should reach.")
-    if avg("TSM") is not None and avg(PROBES["pixels"]) is not None:
-        out.append(f"- TSM {avg('TSM'):.3f} ACC vs a linear probe on pixels {avg(PROBES['pixels']):.3f}.")
+                       f"{avg(row, 'f1') - avg('Vanilla IT', 'f1'):+.3f} macro-F1 (average over the datasets).")  # fmt: skip
     first = records[sorted(records)[0]]
     for stage, name in (("ep", "stage 1"), ("rda_crt", "stage 2")):
         if stage in first and "contrast" in first[stage]:
@@ -239,6 +230,31 @@ def _reading(results: dict, records: dict) -> list[str]:
             gap = float((data["pos"] - data["neg"]).mean())
             out.append(f"- Mean response-token probability, own image minus a different-label image, after {name}: {gap:+.4f}.")
     return out
+
+
+def _validity(results: dict, seeds: int) -> list[str]:
+    """Can this run tell whether a method works? The baseline against the ceiling of its own frozen features."""
+    rows = results["rows"]
+    probe, vanilla = rows.get(PROBES["features"]), rows.get("Vanilla IT")
+    if probe is None or vanilla is None:
+        return []
+    lines = ["", "## Is the testbed valid?", "",
+             f"A baseline far below the linear-probe ceiling of its own frozen image features is crippled: any "
+             f"difference then measures how fast it learns, not the method. Target: vanilla IT ≥ {VALID_RATIO} × the "
+             f"ceiling on average.", "",
+             "| dataset | " + " | ".join(r for r in (*PROBES.values(), "TSM", "Vanilla IT") if r in rows) + " | vanilla / ceiling |",
+             "|---" * (2 + sum(r in rows for r in (*PROBES.values(), "TSM", "Vanilla IT"))) + "|"]  # fmt: skip
+    for ds in (*(d for d in FLAGS if d in probe), "avg"):
+        cells = [_fmt(rows[r].get(ds, {}).get("acc"), seeds) for r in (*PROBES.values(), "TSM", "Vanilla IT") if r in rows]
+        ratio = vanilla[ds]["acc"]["mean"] / max(probe[ds]["acc"]["mean"], 1e-9) if ds in vanilla else float("nan")
+        lines.append(f"| {ds.replace('mnist', '')} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    ratio = vanilla["avg"]["acc"]["mean"] / max(probe["avg"]["acc"]["mean"], 1e-9)
+    verdict = "meets" if ratio >= VALID_RATIO else "is BELOW"
+    lines += ["", f"On average vanilla IT reaches **{ratio:.2f} ×** the ceiling ({vanilla['avg']['acc']['mean']:.3f} vs "
+              f"{probe['avg']['acc']['mean']:.3f} ACC), which {verdict} the {VALID_RATIO} × target."]  # fmt: skip
+    if ratio < VALID_RATIO:
+        lines.append("Read the VITask rows below as measurements of this testbed, not of the method.")
+    return lines
 
 
 def _save(fig, path: Path) -> str:
@@ -296,7 +312,7 @@ def report(run_dir: str) -> Path:
         + ", ".join(f"{s} {sum(v.values()):.0f}" for s, v in payload["wall_time_s"][sorted(records)[0]].items() if v),
         f"- **Whole pipeline**: {meta.get('wall_time_s', 0):.0f} s" if meta else "",
         "",
-        "## Test results, 12-dataset average (score protocol: class probabilities from candidate likelihoods)",
+        "## Test results, average over the datasets (score protocol: class probabilities from candidate likelihoods)",
         "",
         "| model | ACC | macro-F1 | AUC |",
         "|---|---|---|---|",
@@ -304,13 +320,14 @@ def report(run_dir: str) -> Path:
     for label, table in results["rows"].items():
         avg = table.get("avg", {})
         lines.append(f"| {label} | {_fmt(avg.get('acc'), n_seeds)} | {_fmt(avg.get('f1'), n_seeds)} | {_fmt(avg.get('auc'), n_seeds)} |")
+    lines += _validity(results, n_seeds)
     lines += ["", "### Per dataset, ACC", ""]
     datasets = [d for d in (*FLAGS, "avg") if any(d in t for t in results["rows"].values())]
     lines += ["| model | " + " | ".join(d.replace("mnist", "") for d in datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
     for label, table in results["rows"].items():
         lines.append(f"| {label} | " + " | ".join(_fmt(table.get(d, {}).get("acc"), n_seeds) for d in datasets) + " |")
     if results["paired"]:
-        lines += ["", "## Paired differences against vanilla IT (same seed; 12-dataset average)", "",
+        lines += ["", "## Paired differences against vanilla IT (same seed; average over the datasets)", "",
                   "| model | baseline | Δ ACC | Δ macro-F1 | Δ ACC per seed |", "|---|---|---|---|---|"]
         for label, d in results["paired"].items():
             each = ", ".join(f"{v:+.3f}" for v in d["acc"]["values"])

@@ -25,10 +25,21 @@ GRAYS = {"bright": 225, "dark": 25}  # gray scenes name the shade instead of a c
 SIZES = ("small", "large")
 COUNTS = ("one", "two", "three", "four")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
-ORIENTATIONS = ("horizontal", "vertical", "rising diagonal", "falling diagonal")
-WIDTHS = ("wide", "narrow")
-TEXTURES = ("smooth", "grainy")
-KINDS = ("shapes", "stripes", "blobs")
+# Eight stripe directions 22.5 degrees apart, and four stripe frequencies: fine distinctions a generalist's vision
+# tower must keep to tell them apart (coarse ones alone train it to discard detail).
+ORIENTATIONS = {
+    "horizontal": 0.0,
+    "gently rising": -np.pi / 8,
+    "rising diagonal": -np.pi / 4,
+    "steeply rising": -3 * np.pi / 8,
+    "vertical": np.pi / 2,
+    "steeply falling": 3 * np.pi / 8,
+    "falling diagonal": np.pi / 4,
+    "gently falling": np.pi / 8,
+}
+WIDTHS = {"wide": (1.5, 2.0), "medium": (3.0, 3.5), "narrow": (4.5, 5.0), "fine": (6.0, 7.0)}  # cycles per image
+TEXTURES = {"smooth": 4.0, "grainy": 20.0, "very grainy": 40.0}  # pixel noise std
+KINDS = ("shapes", "stripes", "blobs", "stripes and blobs")
 
 # Multiple-choice prompts, deliberately generic (none is the downstream instruction).
 MC_LEADS = (
@@ -74,6 +85,7 @@ class Scene:
     position: str = ""
     orientation: str = ""
     width: str = ""
+    blobs: str = ""  # blob count over the stripes of a "stripes and blobs" scene
 
     @property
     def gray(self) -> bool:
@@ -83,8 +95,12 @@ class Scene:
         bg = f"on a {self.texture} backdrop"
         if self.kind == "stripes":
             return f"{self.width} {self.orientation} {self.colour} stripes {bg}"
+        if self.kind == "stripes and blobs":
+            blobs = f"{self.blobs} soft blob{'s' if self.blobs != 'one' else ''}"
+            return f"{self.width} {self.orientation} {self.colour} stripes with {blobs} {bg}"
         if self.kind == "blobs":
-            return f"{self.count} soft {self.colour} blob{'s' if self.count != 'one' else ''} {bg}"
+            where = f" at the {self.position}" if self.position else ""
+            return f"{self.count} soft {self.colour} blob{'s' if self.count != 'one' else ''}{where} {bg}"
         if self.count == "one":
             return f"a {self.size} {self.colour} {self.shape} at the {self.position} {bg}"
         plural = self.shape + ("es" if self.shape == "cross" else "s")
@@ -95,7 +111,7 @@ class Scene:
         shade = tuple(GRAYS) if self.gray else tuple(COLOURS)
         out = [
             ("What kind of pattern is this?", self.kind, KINDS),
-            ("Is the backdrop smooth or grainy?", self.texture, TEXTURES),
+            ("How grainy is the backdrop?", self.texture, tuple(TEXTURES)),
         ]
         if self.kind == "shapes":
             out += [
@@ -106,17 +122,21 @@ class Scene:
             ]
             if self.count == "one":
                 out.append(("Where is the shape?", self.position, POSITIONS))
-        elif self.kind == "stripes":
+        elif self.kind.startswith("stripes"):
             out += [
-                ("Which way do the stripes run?", self.orientation, ORIENTATIONS),
-                ("Are the stripes wide or narrow?", self.width, WIDTHS),
+                ("Which way do the stripes run?", self.orientation, tuple(ORIENTATIONS)),
+                ("How wide are the stripes?", self.width, tuple(WIDTHS)),
                 ("What colour are the stripes?", self.colour, shade),
             ]
+            if self.blobs:
+                out.append(("How many blobs are there?", self.blobs, COUNTS[:2]))
         else:
             out += [
                 ("How many blobs are there?", self.count, COUNTS),
                 ("What colour are the blobs?", self.colour, shade),
             ]
+            if self.position:
+                out.append(("Where is the blob?", self.position, POSITIONS))
         return out
 
 
@@ -124,24 +144,19 @@ def random_scene(rng: np.random.Generator) -> Scene:
     kind = KINDS[rng.integers(len(KINDS))]
     gray = rng.random() < 0.5
     colour = str(rng.choice(list(GRAYS) if gray else list(COLOURS)))
-    texture = str(rng.choice(TEXTURES))
-    if kind == "stripes":
-        return Scene(
-            kind, colour, texture, orientation=str(rng.choice(ORIENTATIONS)), width=str(rng.choice(WIDTHS))
-        )
+    texture = str(rng.choice(list(TEXTURES)))
+    if kind.startswith("stripes"):
+        stripes = dict(orientation=str(rng.choice(list(ORIENTATIONS))), width=str(rng.choice(list(WIDTHS))))
+        blobs = str(rng.choice(COUNTS[:2])) if kind == "stripes and blobs" else ""
+        return Scene(kind, colour, texture, blobs=blobs, **stripes)
     if kind == "blobs":
-        return Scene(kind, colour, texture, count=str(rng.choice(COUNTS)))
+        count = str(rng.choice(COUNTS))
+        position = str(rng.choice(POSITIONS)) if count == "one" else ""
+        return Scene(kind, colour, texture, count=count, position=position)
     count = str(rng.choice(COUNTS[:3]))
     position = str(rng.choice(POSITIONS)) if count == "one" else ""
-    return Scene(
-        kind,
-        colour,
-        texture,
-        shape=str(rng.choice(SHAPES)),
-        size=str(rng.choice(SIZES)),
-        count=count,
-        position=position,
-    )
+    size = str(rng.choice(SIZES))
+    return Scene(kind, colour, texture, shape=str(rng.choice(SHAPES)), size=size, count=count, position=position)
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -183,30 +198,39 @@ def _centres(rng: np.random.Generator, n: int, r: float) -> list[tuple[float, fl
     return out
 
 
+def _blobs(rng: np.random.Generator, n: int, position: str, yy, xx) -> np.ndarray:
+    """``(H, W, 1)`` opacity of ``n`` soft Gaussian blobs (one at ``position`` when given)."""
+    alpha = np.zeros((*yy.shape, 1))
+    if position:
+        cy, cx = _CORNERS[position]
+        centres = [(cy + rng.uniform(-0.08, 0.08), cx + rng.uniform(-0.08, 0.08))]
+    else:
+        centres = _centres(rng, n, 0.35)
+    for cy, cx in centres:
+        w = rng.uniform(0.18, 0.3)
+        alpha[..., 0] = np.maximum(alpha[..., 0], np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * w**2)))
+    return alpha
+
+
 def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     """``(size, size, 3)`` uint8 image of ``scene`` (gray scenes have three equal channels)."""
     coords = np.linspace(-1.0, 1.0, size)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     base = rng.uniform(90, 150)
-    grain = 28.0 if scene.texture == "grainy" else 4.0
+    grain = TEXTURES[scene.texture]
     image = np.full((size, size, 3), base) + rng.normal(0.0, grain, (size, size, 1))
     colour = np.full(3, GRAYS[scene.colour], float) if scene.gray else np.array(COLOURS[scene.colour], float)
     n = COUNTS.index(scene.count) + 1 if scene.count else 0
-    if scene.kind == "stripes":
-        angle = {
-            "horizontal": 0.0,
-            "vertical": np.pi / 2,
-            "rising diagonal": -np.pi / 4,
-            "falling diagonal": np.pi / 4,
-        }[scene.orientation]
-        cycles = rng.uniform(1.5, 2.5) if scene.width == "wide" else rng.uniform(4.5, 6.0)
+    if scene.kind.startswith("stripes"):
+        angle = ORIENTATIONS[scene.orientation]
+        cycles = rng.uniform(*WIDTHS[scene.width])
         wave = np.cos(np.pi * cycles * (np.cos(angle) * yy + np.sin(angle) * xx) + rng.uniform(0, 2 * np.pi))
         alpha = (wave > 0).astype(float)[..., None]
+        if scene.blobs:  # soft blobs of the opposite shade over the stripes
+            blobs = _blobs(rng, COUNTS.index(scene.blobs) + 1, "", yy, xx)
+            image = image * (1 - blobs) + (255.0 - colour.mean()) * blobs
     elif scene.kind == "blobs":
-        alpha = np.zeros((size, size, 1))
-        for cy, cx in _centres(rng, n, 0.35):
-            w = rng.uniform(0.18, 0.3)
-            alpha[..., 0] = np.maximum(alpha[..., 0], np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * w**2)))
+        alpha = _blobs(rng, n, scene.position, yy, xx)
     else:
         r = rng.uniform(0.16, 0.22) if scene.size == "small" else rng.uniform(0.32, 0.42)
         if n == 1:

@@ -54,7 +54,7 @@ GENERALIST_STEPS = 800
 GENERALIST_VOCAB = 1024  # small enough that made-up words, and so any new label, split into common pieces
 # Bump when the generalist's recipe (sizes, corpus, steps, optimiser) changes: it names the cache folder, so a
 # stale build is never reused.
-GENERALIST_VERSION = "g1"
+GENERALIST_VERSION = "g2"
 
 # Words the chat templates and generic chat add around the prompts, so they tokenize compactly too.
 CHAT_WORDS = (
