@@ -38,10 +38,12 @@ FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's ste
 
 
 def cli_args(overrides: dict) -> list[str]:
-    """``{"trainer.max_epochs": 2}`` -> ``["--trainer.max_epochs", "2"]`` (lists and dicts as JSON)."""
+    """``{"trainer.max_epochs": 2}`` -> ``["--trainer.max_epochs", "2"]`` (lists, dicts and ``None`` as JSON)."""
     args = []
     for key, value in overrides.items():
-        if isinstance(value, bool):
+        if value is None:
+            value = "null"  # str(None) would reach the parser as the string "None"
+        elif isinstance(value, bool):
             value = str(value).lower()
         elif isinstance(value, (list, dict)):
             value = json.dumps(value)
