@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Tiny models on a small CPU: one thread per process beats two threads fighting over two cores (about 10x here).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install test test-fast demo lint bench clean
+.PHONY: help install test test-fast demo method lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,8 +35,8 @@ test: install  ## run the test suite offline (slow tests included)
 test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-demo: install  ## run the offline demo on synthetic data and print its results
-	$(VENV)/bin/vitask pipeline --config configs/pipeline/demo.yaml
+demo: install  ## the method offline (synthetic data, tiny generalist VLM), one seed; writes runs/demo/report.md
+	$(VENV)/bin/vitask pipeline --config configs/pipeline/method.yaml --config configs/pipeline/demo.yaml
 	@echo "report: runs/demo/report.md (results.json and plots in runs/demo/)"
 
 lint: install  ## ruff
@@ -44,6 +44,10 @@ lint: install  ## ruff
 
 clean:  ## remove runs and synthetic data (keeps .venv)
 	rm -rf runs data
+
+method: install  ## the method benchmark: every row, 3 seeds, probe ceilings (about half an hour on 2 cores)
+	$(VENV)/bin/vitask pipeline --config configs/pipeline/method.yaml --seeds 3
+	@echo "report: runs/method/report.md"
 
 bench: install  ## step-time / memory ratios of the training and evaluation variants (tiny model)
 	$(VENV)/bin/vitask bench

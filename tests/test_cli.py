@@ -49,11 +49,26 @@ def test_every_shipped_config_parses(config, capsys, synth_root):
     assert "class_path" in out
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
-def test_pipeline_configs_parse(config, capsys):
-    code, out, err = run(["pipeline", "--config", str(config), "--print_config"], capsys)
+def _make_pipeline_commands() -> dict[str, list[str]]:
+    """The `vitask pipeline ...` line of each Makefile target that has one, as argv."""
+    commands, target = {}, None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line and not line[0].isspace() and ":" in line:
+            target = line.split(":")[0]
+        elif "vitask pipeline" in line:
+            commands[target] = line.split("vitask pipeline", 1)[1].split()
+    return commands
+
+
+@pytest.mark.parametrize("target", ["demo", "method"])
+def test_make_pipeline_commands_parse(target, capsys):
+    """`make demo` (the benchmark's config plus the demo overlay) and `make method`, exactly as the Makefile has them."""
+    argv = [a.replace("configs/", str(ROOT / "configs") + "/") for a in _make_pipeline_commands()[target]]
+    code, out, err = run(["pipeline", *argv, "--print_config"], capsys)
     assert code == 0, err
-    assert "stages:" in out and "rda_crt:" in out
+    assert "rda_crt:" in out and "vlm: tiny:internvl-generalist" in out
+    assert f"name: {target}" in out
+    assert ("ablations: false" in out) == (target == "demo")
 
 
 def test_links_fill_model_from_data(synth_root):

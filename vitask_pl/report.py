@@ -44,7 +44,7 @@ GENERATE_ROWS = [
     ("VITask w/o EP", "rda_crt", "wo_ep"),
     ("VITask w/ EP", "rda_crt", "w_ep"),
 ]
-# shared/VITASK.md §7: the paper's Table 1, 12-dataset averages on the real test sets (ACC, macro-F1).
+# The paper's Table 1, 12-dataset averages on the real test sets (ACC, macro-F1).
 PAPER = {
     "TSM (ViT-B)": (0.816, 0.772),
     "LLaVA-1.5-13B vanilla IT": (0.759, 0.624),

@@ -1,4 +1,4 @@
-"""From VITask samples to VLM tokens, in DataLoader workers (shared/VITASK.md §2).
+"""From VITask samples to VLM tokens, in DataLoader workers (README, "Method decisions").
 
 The model's own chat template renders the instruction (user turn with the image) and the response
 (assistant turn); the processor expands the image placeholder. Labels cover the response and the end-of-turn

@@ -1,4 +1,4 @@
-"""Negative images for contrastive response tuning: same dataset, different label (shared/VITASK.md §4)."""
+"""Negative images for contrastive response tuning: same dataset, different label (README, "Method decisions")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Instruction and response text of VITask (shared/VITASK.md §2), after MedDr."""
+"""Instruction and response text of VITask (README, "Method decisions"), after MedDr."""
 
 from __future__ import annotations
 

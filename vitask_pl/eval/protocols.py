@@ -1,4 +1,4 @@
-"""Two ways to read a class off a generative VLM (shared/VITASK.md §6).
+"""Two ways to read a class off a generative VLM (README, "Method decisions").
 
 ``score``: the log-likelihood of every candidate response under the prompt, softmaxed over the candidates,
 gives class probabilities, hence ACC, macro-F1 and AUC. The image and instruction are encoded once per

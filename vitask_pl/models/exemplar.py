@@ -1,4 +1,4 @@
-"""Exemplar prompting: the TSM connector and the exemplar slots in the token sequence (shared/VITASK.md §1, §5)."""
+"""Exemplar prompting: the TSM connector and the exemplar slots in the token sequence (README, "Method decisions")."""
 
 from __future__ import annotations
 

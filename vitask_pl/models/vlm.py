@@ -50,7 +50,7 @@ def family_of(model_type: str, option: str = "--model.init_args.vlm") -> Family:
 
 @dataclass
 class LoraSettings:
-    """LoRA on the language model's linear layers (shared/VITASK.md §5).
+    """LoRA on the language model's linear layers (README, "Method decisions").
 
     Args:
         r: rank.

@@ -1,4 +1,4 @@
-"""Stage 0: train the task-specific model jointly over the selected datasets (shared/VITASK.md §3)."""
+"""Stage 0: train the task-specific model jointly over the selected datasets (README, "Method decisions")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The VITask stages (shared/VITASK.md §4-§5).
+"""The VITask stages (README, "Method decisions").
 
 Stage 1, :class:`ExemplarPromptTuning`: ``L_van + L_EP + alpha * L_RDA``; trains LoRA and the TSM connector.
 Stage 2, :class:`RDACRTTuning`: ``L_van + L_EP + alpha * L_RDA + beta * L_CRT``; trains LoRA, connector frozen,
