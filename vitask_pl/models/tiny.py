@@ -588,6 +588,7 @@ def tiny_vlm(
     pretrain_steps: int = 0,
     generalist: bool = False,
     generalist_steps: int | None = None,
+    held_out: int = 200,
 ) -> str:
     """Build a tiny VLM of a real transformers class, for offline tests and smoke runs.
 
@@ -608,6 +609,7 @@ def tiny_vlm(
             `tiny:<family>` specs use 300 so that offline runs can learn).
         generalist: Pretrain the whole model on the generic image-text corpus (`tiny:<family>-generalist`).
         generalist_steps: Pretraining steps of --generalist (default: the recipe's).
+        held_out: Held-out questions per task that --generalist answers at the end (recorded in generalist.json).
 
     Returns:
         The directory written.
@@ -620,5 +622,5 @@ def tiny_vlm(
         steps = GENERALIST_STEPS if generalist_steps is None else generalist_steps
         if steps < 1:
             raise ConfigError(f"--generalist_steps: {steps}; use 1 or more.")
-        return build_tiny_vlm(family, out, image_size, seed, force, generalist_steps=steps)
+        return build_tiny_vlm(family, out, image_size, seed, force, generalist_steps=steps, held_out=held_out)
     return build_tiny_vlm(family, out, image_size, seed, force, pretrain_steps=pretrain_steps)
