@@ -36,6 +36,7 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
                                "model.init_args.test_protocols": ["score"]},
                    "ep": cache, "rda_crt": cache},
         "incomplete": True, "match_vanilla_steps": True, "probes": True, "seeds": 2,
+        "select_on_val": ["tsm", "vanilla", "vanilla_incomplete"],
     }  # fmt: skip
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
     main(["pipeline", "--config", str(tmp_path / "m.yaml"), "--runs_root", str(tmp_path)])
