@@ -186,9 +186,9 @@ def pipeline(
             trained and tested on instructions without the label list.
         probes: measure the linear-probe ceilings (the VLM's frozen image features, and pixels) of every dataset
             on the baseline's data, for the report's validity check.
-        match_vanilla_steps: give VITask vanilla IT's optimizer steps (to its best validation checkpoint): stage 1
+        match_vanilla_steps: give VITask the optimizer steps of the vanilla IT checkpoint that is tested: stage 1
             half of them, stage 2 (and each ablation) the rest. Train vanilla to a plateau for this to be fair
-            (early stopping in ``stages.vanilla``, or a budget past the plateau of its measured curve).
+            (a budget past the plateau of its measured curve, or early stopping in ``stages.vanilla``).
         select_on_val: stages tested at their best validation checkpoint; the others are tested where training
             ended. Default ``[tsm]``. On a small validation split a lucky early epoch can win the selection.
         seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
