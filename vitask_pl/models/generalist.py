@@ -95,7 +95,8 @@ def pretrain(model, processor, *, steps: int, image_size: int, seed: int, held_o
 def evaluate(model, processor, *, image_size: int, seed: int, n: int = HELD_OUT) -> dict:
     """Greedy answers to held-out conversations of each task: exact-match accuracy beside chance.
 
-    Held out: scenes are drawn from a stream (``[seed, -1]``) no training step uses. Chance is 1/options for a
+    Held out: scenes are drawn from a stream (``[seed, 2**31]``) that no training step (``[seed, step]``) uses.
+    Chance is 1/options for a
     multiple-choice question and 1/(possible answers) for a short question; captions are scored by exact match
     with no chance level (there are thousands of captions).
     """
