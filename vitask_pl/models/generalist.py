@@ -96,9 +96,8 @@ def evaluate(model, processor, *, image_size: int, seed: int, n: int = HELD_OUT)
     """Greedy answers to held-out conversations of each task: exact-match accuracy beside chance.
 
     Held out: scenes are drawn from a stream (``[seed, 2**31]``) that no training step (``[seed, step]``) uses.
-    Chance is 1/options for a
-    multiple-choice question and 1/(possible answers) for a short question; captions are scored by exact match
-    with no chance level (there are thousands of captions).
+    Chance is 1/options for a multiple-choice question and 1/(possible answers) for a short question; captions
+    are scored by exact match with no chance level (there are thousands of captions).
     """
     import torch
 
