@@ -210,19 +210,11 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
 
 
 def _reading(results: dict, records: dict) -> list[str]:
-    """Plain statements of the measured differences; no judgement beyond the numbers."""
+    """Plain statements of the measured response-probability gaps (the differences against vanilla are the
+    paired table's); no judgement beyond the numbers."""
     import torch
 
-    rows, out = results["rows"], []
-
-    def avg(row: str, metric: str = "acc") -> float | None:
-        return rows[row]["avg"][metric]["mean"] if row in rows and metric in rows[row]["avg"] else None
-
-    base = avg("Vanilla IT")
-    for row in ("VITask w/ EP", "VITask w/o EP", "Stage 1 (EP) w/ EP"):
-        if base is not None and avg(row) is not None:
-            out.append(f"- {row} vs vanilla IT: {avg(row) - base:+.3f} ACC, "
-                       f"{avg(row, 'f1') - avg('Vanilla IT', 'f1'):+.3f} macro-F1 (average over the datasets).")  # fmt: skip
+    out = []
     first = records[sorted(records)[0]]
     for stage, name in (("ep", "stage 1"), ("rda_crt", "stage 2")):
         if stage in first and "contrast" in first[stage]:
