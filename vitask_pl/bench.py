@@ -72,10 +72,13 @@ def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: in
 
 def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
     """An untrained TSM checkpoint (timing does not depend on its weights)."""
+    from vitask_pl.fingerprint import stamp
     from vitask_pl.modules.tsm import TSMModule
 
     module = TSMModule("resnet18", datasets=flags, image_size=image_size)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    stamp(checkpoint, module)  # the record every stage checks before it trusts a TSM checkpoint
+    torch.save(checkpoint, path)
     return str(path)
 
 
