@@ -47,7 +47,7 @@ lint: install  ## ruff
 clean:  ## remove runs and synthetic data (keeps .venv)
 	rm -rf runs data
 
-method: install  ## the method benchmark: every row, 3 seeds, probe ceilings (45 min on 2 cores)
+method: install  ## the method benchmark: every row, 3 seeds, probe ceilings (about 25 min a seed on 2 cores)
 	$(VENV)/bin/vitask pipeline --config configs/pipeline/method.yaml --seeds 3
 	@echo "report: runs/method/report.md"
 

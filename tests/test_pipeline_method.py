@@ -70,9 +70,9 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
     report = (run / "report.md").read_text()
     assert "Probe ceiling: VLM frozen image features" in report and "Paired differences" in report
     assert "Is the testbed valid?" in report and "× the ceiling" in report
-    # The diagnostic of the baseline: the dataset where dropping the label list helps vanilla most, and by how much.
-    rows = results["rows"]
-    unlisted, listed = rows["Vanilla IT, trained and tested incomplete"], rows["Vanilla IT"]
-    gains = {ds: unlisted[ds]["acc"]["mean"] - listed[ds]["acc"]["mean"] for ds in ("dermamnist", "pneumoniamnist")}
-    ds = max(gains, key=gains.get)
-    assert f"vanilla IT scores {gains[ds]:+.3f} ACC on {ds.replace('mnist', '')}" in report
+    # Beside the baseline, the vanilla trained without the label list, per dataset, as in the results.
+    unlisted = results["rows"]["Vanilla IT, trained and tested incomplete"]["dermamnist"]["acc"]["mean"]
+    table = [line.split(" | ") for line in report[report.index("Is the testbed valid?"):].splitlines() if line.startswith("| ")]
+    column = table[0].index("Vanilla IT, trained and tested incomplete")
+    derma = next(row for row in table if row[0] == "| derma")
+    assert derma[column].startswith(f"{unlisted:.3f}")
