@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # The tests' tiny batches: one thread per process beats two threads fighting over two cores (about 10x here).
-# The pipeline's batches are big enough for every core (measured on 2 cores: a stage-2 step 0.33 s with two
-# threads, 0.58 s with one), so demo, method and bench leave torch its default of one thread per core.
+# The pipeline's batches are big enough for every core (measured on 2 cores: a 40-step stage-2 fit, start-up
+# included, 21 s with two threads, 31 s with one), so demo, method and bench leave torch its default of one thread per core.
 TEST_THREADS ?= 1
 
 .PHONY: help install test test-fast demo method lint bench clean
