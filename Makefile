@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # included, 21 s with two threads, 31 s with one), so demo, method and bench leave torch its default of one thread per core.
 TEST_THREADS ?= 1
 
-.PHONY: help install test test-fast demo method lint bench clean
+.PHONY: help install test test-fast demo method style bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv (if missing) and install vitask with dev tools
 
-test: install  ## run the test suite offline (slow tests included)
+test: install style  ## style checks, then the test suite offline (slow tests included)
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q
 
 test-fast: install  ## the tests not marked slow
@@ -41,8 +41,9 @@ demo: install  ## the method offline (synthetic data, tiny generalist VLM), one 
 	$(VENV)/bin/vitask pipeline --config configs/pipeline/method.yaml --config configs/pipeline/demo.yaml
 	@echo "report: runs/demo/report.md (results.json and plots in runs/demo/)"
 
-lint: install  ## ruff
-	$(VENV)/bin/ruff check vitask_pl tests
+style: install  ## ruff format --check and ruff check (make test runs it first)
+	$(VENV)/bin/ruff format --check vitask_pl tests scripts
+	$(VENV)/bin/ruff check vitask_pl tests scripts
 
 clean:  ## remove runs and synthetic data (keeps .venv)
 	rm -rf runs data

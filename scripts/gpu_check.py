@@ -27,8 +27,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = ["torch", "numpy", "yaml", "lightning", "torchmetrics", "transformers", "tokenizers", "huggingface_hub",
-            "safetensors", "peft", "timm", "torchvision", "medmnist"]  # fmt: skip
+REQUIRED = [
+    "torch",
+    "numpy",
+    "yaml",
+    "lightning",
+    "torchmetrics",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "peft",
+    "timm",
+    "torchvision",
+    "medmnist",
+]
 FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist", "organamnist"]  # RGB, multi-label, binary, gray
 FAILED: list[str] = []
 
@@ -59,9 +72,11 @@ def check_environment(cpu: bool) -> bool:
     """Name what is missing and how to get it; True when DeepSpeed is usable too."""
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"gpu_check: missing Python packages: {', '.join(missing)}.\n"
-              f"  Install the project (`pip install -e .` in {REPO}), or carry wheels and install them with\n"
-              f"  `pip install --no-index --find-links WHEELS {' '.join(missing)}`.")  # fmt: skip
+        print(
+            f"gpu_check: missing Python packages: {', '.join(missing)}.\n"
+            f"  Install the project (`pip install -e .` in {REPO}), or carry wheels and install them with\n"
+            f"  `pip install --no-index --find-links WHEELS {' '.join(missing)}`."
+        )
         sys.exit(2)
     import torch
 
@@ -103,8 +118,12 @@ def tiny_tsm_checkpoint(path: Path) -> str:
     from vitask_pl.modules.tsm import TSMModule
 
     torch.manual_seed(0)
-    module = TSMModule("vit_tiny_patch16_224", datasets=FLAGS, image_size=28,
-                       backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
+    module = TSMModule(
+        "vit_tiny_patch16_224",
+        datasets=FLAGS,
+        image_size=28,
+        backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2},
+    )
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return str(path)
 
@@ -116,8 +135,12 @@ def trainable(module) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="dry run on CPU: fp32 only, no bf16, no DeepSpeed")
-    parser.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default 12 on CUDA, 4 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 3 on CUDA, 1 on CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="stage-2 steps per variant (default 12 on CUDA, 4 on CPU)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="steps left out of the median (default 3 on CUDA, 1 on CPU)"
+    )
     parser.add_argument("--bench-steps", type=int, default=None, help="bench repetitions (default 5 on CUDA, 1 on CPU)")
     args = parser.parse_args()
     out = os.environ.get("OUT")
@@ -148,8 +171,10 @@ def main() -> None:
         warnings.filterwarnings("ignore", message=message)
     cuda = not args.cpu
     accelerator = "cuda" if cuda else "cpu"
-    print(f"gpu_check: torch {torch.__version__}, lightning {L.__version__}, "
-          f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {steps} steps per variant ({warmup} warm-up)")  # fmt: skip
+    print(
+        f"gpu_check: torch {torch.__version__}, lightning {L.__version__}, "
+        f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {steps} steps per variant ({warmup} warm-up)"
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="vitask-gpu-check-"))
     cache = str(tmp / "features")
@@ -184,11 +209,21 @@ def main() -> None:
 
     def trainer(name: str, *, precision: str, strategy="auto", max_steps: int, callbacks=(), validate: bool = False):
         return L.Trainer(
-            accelerator=accelerator, devices=1, precision=precision, strategy=strategy, max_steps=max_steps,
-            val_check_interval=max_steps if validate else None, limit_val_batches=2 if validate else 0,
-            num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=list(callbacks), default_root_dir=tmp / name,
-        )  # fmt: skip
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,
+            strategy=strategy,
+            max_steps=max_steps,
+            val_check_interval=max_steps if validate else None,
+            limit_val_batches=2 if validate else 0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=list(callbacks),
+            default_root_dir=tmp / name,
+        )
 
     def deepspeed():
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -235,8 +270,14 @@ def main() -> None:
             L.seed_everything(0)
             module = RDACRTTuning(init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
             clock = StepClock()
-            t = trainer(name, precision=precision, strategy=strategy() if strategy else "auto", max_steps=steps,
-                        callbacks=[clock], validate=True)  # fmt: skip
+            t = trainer(
+                name,
+                precision=precision,
+                strategy=strategy() if strategy else "auto",
+                max_steps=steps,
+                callbacks=[clock],
+                validate=True,
+            )
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t.fit(module, datamodule())
@@ -255,8 +296,10 @@ def main() -> None:
             saved[name] = (ckpt, trainable(module), t.global_step)
             assert all(torch.isfinite(torch.tensor(clock.losses))), clock.losses
             terms = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/"))
-            print(f"steps {t.global_step}; ms/step (median of {len(clock.times) - warmup}) {results[name]['ms/step']:.1f}; "
-                  f"peak CUDA memory {mib(peak) if cuda else 'n/a on CPU'}")  # fmt: skip
+            print(
+                f"steps {t.global_step}; ms/step (median of {len(clock.times) - warmup}) {results[name]['ms/step']:.1f}; "
+                f"peak CUDA memory {mib(peak) if cuda else 'n/a on CPU'}"
+            )
             print(f"losses per step: {' '.join(f'{x:.4f}' for x in clock.losses)}")
             print(f"final terms: {terms}; val/avg/acc {results[name]['val acc']:.3f}")
             files = [ckpt] if ckpt.is_file() else sorted(p for p in ckpt.rglob("*") if p.is_file())
@@ -266,10 +309,14 @@ def main() -> None:
             free()
 
     if results:
-        print(f"\n{'variant':<34}{'ms/step':>9}{'peak MiB':>10}{'ckpt MiB':>10}{'loss@1':>9}{'loss@end':>10}{'val acc':>9}")
+        print(
+            f"\n{'variant':<34}{'ms/step':>9}{'peak MiB':>10}{'ckpt MiB':>10}{'loss@1':>9}{'loss@end':>10}{'val acc':>9}"
+        )
         for name, r in results.items():
-            print(f"{name:<34}{r['ms/step']:>9.1f}{r['peak'] / 2**20:>10.1f}{r['ckpt'] / 2**20:>10.2f}"
-                  f"{r['first loss']:>9.3f}{r['last loss']:>10.3f}{r['val acc']:>9.3f}")  # fmt: skip
+            print(
+                f"{name:<34}{r['ms/step']:>9.1f}{r['peak'] / 2**20:>10.1f}{r['ckpt'] / 2**20:>10.2f}"
+                f"{r['first loss']:>9.3f}{r['last loss']:>10.3f}{r['val acc']:>9.3f}"
+            )
 
     ds_name = "bf16-mixed + DeepSpeed ZeRO-2"
     if ds_name in saved:
@@ -284,12 +331,16 @@ def main() -> None:
             L.seed_everything(0)
             module = RDACRTTuning(init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
             snap = Snapshot()
-            t = trainer("resume", precision="bf16-mixed", strategy=deepspeed(), max_steps=ds_steps + 2, callbacks=[snap])
+            t = trainer(
+                "resume", precision="bf16-mixed", strategy=deepspeed(), max_steps=ds_steps + 2, callbacks=[snap]
+            )
             t.fit(module, datamodule(), ckpt_path=str(ds_ckpt))
             assert t.global_step == ds_steps + 2, t.global_step
             assert snap.weights.keys() == ds_weights.keys()
             worst = max((snap.weights[k] - ds_weights[k]).abs().max().item() for k in ds_weights)
-            print(f"restored {len(ds_weights)} LoRA tensors; max |restored - saved| = {worst:.3g}; steps {ds_steps} -> {t.global_step}")
+            print(
+                f"restored {len(ds_weights)} LoRA tensors; max |restored - saved| = {worst:.3g}; steps {ds_steps} -> {t.global_step}"
+            )
             assert worst == 0.0
             del module, t
             free()
@@ -302,7 +353,9 @@ def main() -> None:
             state = torch.load(single, map_location="cpu", weights_only=True)["state_dict"]
             lora = [k for k in state if "lora_" in k]
             others = sorted(k for k in state if "lora_" not in k)
-            print(f"{single.name}: {mib(path_size(single))}, {len(state)} tensors ({len(lora)} LoRA); others: {others[:8]}")
+            print(
+                f"{single.name}: {mib(path_size(single))}, {len(state)} tensors ({len(lora)} LoRA); others: {others[:8]}"
+            )
             assert lora and not any(k.startswith("core.connector.") for k in state)  # frozen in stage 2: excluded
             assert all(torch.allclose(state[k].float(), ds_weights[k], atol=1e-2) for k in lora)
 
@@ -316,24 +369,32 @@ def main() -> None:
             t.save_checkpoint(tmp / "stage1-ds.ckpt")
             converted = tmp / "stage1-ds-single.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(tmp / "stage1-ds.ckpt"), str(converted))
-            stage2 = RDACRTTuning(init_from=str(converted), tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
+            stage2 = RDACRTTuning(
+                init_from=str(converted), tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache
+            )
             mine, theirs = trainable(module), stage2.core.connector.state_dict()
             worst = max((mine[f"core.connector.{k}"] - v.float()).abs().max().item() for k, v in theirs.items())
-            print(f"stage-1 DeepSpeed dir {mib(path_size(tmp / 'stage1-ds.ckpt'))} -> {mib(path_size(converted))}; "
-                  f"connector loaded into stage 2, max |diff| vs the trained (bf16) one {worst:.3g}")  # fmt: skip
+            print(
+                f"stage-1 DeepSpeed dir {mib(path_size(tmp / 'stage1-ds.ckpt'))} -> {mib(path_size(converted))}; "
+                f"connector loaded into stage 2, max |diff| vs the trained (bf16) one {worst:.3g}"
+            )
             assert worst < 1e-2
             del module, stage2, t
             free()
 
         with check("DeepSpeed probe: feature_cache false (the TSM runs in the step, model cast to bf16)"):
             L.seed_everything(0)
-            module = RDACRTTuning(init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, feature_cache=False)
+            module = RDACRTTuning(
+                init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, feature_cache=False
+            )
             t = trainer("probe", precision="bf16-mixed", strategy=deepspeed(), max_steps=1)
             try:
                 t.fit(module, datamodule())
                 print("feature_cache false trains under DeepSpeed bf16")
             except RuntimeError as err:  # known: the TSM gets fp32 images while DeepSpeed made its weights bf16
-                print(f"feature_cache false fails under DeepSpeed bf16 (known issue, see configs/strategy/bf16.yaml): {err}")
+                print(
+                    f"feature_cache false fails under DeepSpeed bf16 (known issue, see configs/strategy/bf16.yaml): {err}"
+                )
             del module, t
             free()
 
@@ -342,8 +403,10 @@ def main() -> None:
 
         bench(device=accelerator, steps=args.bench_steps or (1 if args.cpu else 5))
 
-    print(f"\ngpu_check: {len(FAILED)} failed{': ' + '; '.join(FAILED) if FAILED else ''}; "
-          f"total {time.perf_counter() - total_start:.0f} s; files in {tmp}")  # fmt: skip
+    print(
+        f"\ngpu_check: {len(FAILED)} failed{': ' + '; '.join(FAILED) if FAILED else ''}; "
+        f"total {time.perf_counter() - total_start:.0f} s; files in {tmp}"
+    )
 
 
 if __name__ == "__main__":

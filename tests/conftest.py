@@ -56,10 +56,21 @@ def make_tsm_ckpt(root, flags, path, *, embed_dim=32, seed=0):
 
     L.seed_everything(seed)
     dm = MedMNISTDataModule(root, flags, 28, batch_size=8, num_workers=0)
-    model = TSMModule("vit_tiny_patch16_224", datasets=dm.flags, image_size=28,
-                      backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": embed_dim, "num_heads": 2})  # fmt: skip
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    model = TSMModule(
+        "vit_tiny_patch16_224",
+        datasets=dm.flags,
+        image_size=28,
+        backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": embed_dim, "num_heads": 2},
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, dm)
     trainer.save_checkpoint(path)
     return str(path)

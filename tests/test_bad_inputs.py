@@ -63,9 +63,7 @@ def _write_bad_files(good: Path, bad: Path) -> None:
 
     def write(name: str, **change) -> None:
         (bad / name).mkdir(parents=True)
-        np.savez(
-            bad / name / "dermamnist.npz", **{k: v for k, v in {**arrays, **change}.items() if v is not None}
-        )
+        np.savez(bad / name / "dermamnist.npz", **{k: v for k, v in {**arrays, **change}.items() if v is not None})
 
     write("keys", train_images=None, train_imgs=arrays["train_images"])
     write("dtype", train_images=arrays["train_images"].astype(np.float32))
@@ -90,8 +88,18 @@ def _write_junk(junk: Path, tsm_ckpt: Path, vlm: Path) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tsm_ckpt, tiny_dirs, feature_cache_dir) -> World:
     top = tmp_path_factory.mktemp("earlier")
-    w = World(data=top / "data", bad=top / "bad", run=top / "run", tsm=Path(tsm_ckpt), stage1=top / "run/last.ckpt",
-              junk=top / "junk", vlm=Path(tiny_dirs["internvl"]), qwen=Path(tiny_dirs["qwen2_vl"]), cache=Path(feature_cache_dir), out=top / "unused")  # fmt: skip
+    w = World(
+        data=top / "data",
+        bad=top / "bad",
+        run=top / "run",
+        tsm=Path(tsm_ckpt),
+        stage1=top / "run/last.ckpt",
+        junk=top / "junk",
+        vlm=Path(tiny_dirs["internvl"]),
+        qwen=Path(tiny_dirs["qwen2_vl"]),
+        cache=Path(feature_cache_dir),
+        out=top / "unused",
+    )
     synthesize(w.data, [*SMALL_FLAGS, "bloodmnist"], size=28, per_class=2)
     synthesize(w.data, ["dermamnist"], size=64, per_class=2)
     _write_bad_files(w.data / "dermamnist.npz", w.bad)
@@ -101,23 +109,65 @@ def world(tmp_path_factory, tsm_ckpt, tiny_dirs, feature_cache_dir) -> World:
 
 
 # ------------------------------------------------------------------------------------------------ argv builders
-QUICK = ["--data.datasets", "[dermamnist]", "--data.num_workers", "0", "--data.max_samples", "4", "--data.batch_size", "4",
-         "--trainer.max_epochs", "1", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-         "--trainer.enable_progress_bar", "false"]  # fmt: skip
+QUICK = [
+    "--data.datasets",
+    "[dermamnist]",
+    "--data.num_workers",
+    "0",
+    "--data.max_samples",
+    "4",
+    "--data.batch_size",
+    "4",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.max_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 STAGE_ARGS = {
     "tsm": ["--model.init_args.backbone", "resnet18"],
     "vanilla": ["--model.init_args.vlm", "{vlm}"],
-    "ep": ["--model.init_args.vlm", "{vlm}", "--model.init_args.tsm_ckpt", "{tsm}", "--model.init_args.cache_dir", "{cache}"],
-    "rda_crt": ["--model.init_args.vlm", "{vlm}", "--model.init_args.tsm_ckpt", "{tsm}", "--model.init_args.cache_dir",
-                "{cache}", "--model.init_args.init_from", "{stage1}"],
-}  # fmt: skip
+    "ep": [
+        "--model.init_args.vlm",
+        "{vlm}",
+        "--model.init_args.tsm_ckpt",
+        "{tsm}",
+        "--model.init_args.cache_dir",
+        "{cache}",
+    ],
+    "rda_crt": [
+        "--model.init_args.vlm",
+        "{vlm}",
+        "--model.init_args.tsm_ckpt",
+        "{tsm}",
+        "--model.init_args.cache_dir",
+        "{cache}",
+        "--model.init_args.init_from",
+        "{stage1}",
+    ],
+}
 
 
 def fit(stage: str, *extra: str, command: str = "fit"):
     """``vitask fit`` (or ``command``) of ``stage`` with its offline overlay, on the world's data and model, a few
     samples, into ``{out}``; ``extra`` comes last, so it overrides."""
-    argv = [command, "--config", str(ROOT / f"configs/{stage}.yaml"), "--config", str(ROOT / f"configs/offline/{stage}.yaml"),
-            "--data.root", "{data}", "--trainer.default_root_dir", "{out}", *QUICK, *STAGE_ARGS[stage], *extra]  # fmt: skip
+    argv = [
+        command,
+        "--config",
+        str(ROOT / f"configs/{stage}.yaml"),
+        "--config",
+        str(ROOT / f"configs/offline/{stage}.yaml"),
+        "--data.root",
+        "{data}",
+        "--trainer.default_root_dir",
+        "{out}",
+        *QUICK,
+        *STAGE_ARGS[stage],
+        *extra,
+    ]
     return lambda w: [w.fmt(a) for a in argv]
 
 
@@ -133,6 +183,7 @@ def case(id_: str, argv, option: str, *expect: str, xfail: str | None = None):
 
 
 # --------------------------------------------------------------------------------------------------- the table
+# One case per line: a table reads better than the formatter's five lines a case.
 # fmt: off
 CASES = [
     # data: the data module's options, the files under --data.root, and the data tools
@@ -228,9 +279,7 @@ def test_bad_input_is_one_line_naming_option_and_value_and_changes_nothing(
     for text in map(world.fmt, expect):
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     after = world.snapshot()
-    assert not [p for p, entry in before.items() if after.get(p) != entry], (
-        "earlier outputs changed or disappeared"
-    )
+    assert not [p for p, entry in before.items() if after.get(p) != entry], "earlier outputs changed or disappeared"
     new_checkpoints = [
         str(p) for p in [*map(Path, set(after) - set(before)), *tmp_path.rglob("*")] if p.suffix == ".ckpt"
     ]

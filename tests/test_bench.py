@@ -6,8 +6,19 @@ from vitask_pl.cli import main
 
 
 def test_bench_runs_through_the_cli_and_prints_every_ratio(tiny_dirs, capsys):
-    main(["bench", "--vlm", tiny_dirs["internvl"], "--steps", "1", "--batch_size", "2",
-          "--datasets", '["dermamnist", "pneumoniamnist"]'])  # fmt: skip
+    main(
+        [
+            "bench",
+            "--vlm",
+            tiny_dirs["internvl"],
+            "--steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--datasets",
+            '["dermamnist", "pneumoniamnist"]',
+        ]
+    )
     out = capsys.readouterr().out
     assert "ratios (same process, same batch):" in out
     for line in ("stage-2 fused / vanilla, time", "three forwards / fused, memory", "score / generate throughput"):

@@ -14,8 +14,18 @@ from .conftest import SMALL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"strategy", "pipeline"} & set(p.parts))
-TINY_TSM = ["--model.init_args.backbone", "resnet18", "--trainer.max_epochs", "1", "--data.num_workers", "0",
-            "--trainer.enable_progress_bar", "false", "--data.max_samples", "16"]  # fmt: skip
+TINY_TSM = [
+    "--model.init_args.backbone",
+    "resnet18",
+    "--trainer.max_epochs",
+    "1",
+    "--data.num_workers",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.max_samples",
+    "16",
+]
 
 
 def run(argv, capsys):
@@ -72,8 +82,19 @@ def test_make_pipeline_commands_parse(target, capsys):
 
 
 def test_links_fill_model_from_data(synth_root):
-    cli = build_cli(["--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-                     "--data.root", str(synth_root), "--data.datasets", "[dermamnist,chestmnist]"], run=False)  # fmt: skip
+    cli = build_cli(
+        [
+            "--config",
+            str(ROOT / "configs/tsm.yaml"),
+            "--config",
+            str(ROOT / "configs/offline/tsm.yaml"),
+            "--data.root",
+            str(synth_root),
+            "--data.datasets",
+            "[dermamnist,chestmnist]",
+        ],
+        run=False,
+    )
     assert [s.flag for s in cli.model.specs] == ["dermamnist", "chestmnist"]
     assert cli.model.hparams.image_size == cli.datamodule.size == 28
     assert cli.model.head.out_features == 7 + 14
@@ -92,9 +113,21 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("extra", "message"), BAD_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_INPUTS])
 def test_bad_input_is_one_line_and_writes_nothing(extra, message, capsys, synth_root, tmp_path):
     out_dir = tmp_path / "run"
-    argv = ["fit", "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-            "--data.root", str(synth_root), "--data.datasets", "[dermamnist]", "--trainer.default_root_dir", str(out_dir),
-            *TINY_TSM, *(e.format(tmp=tmp_path) for e in extra)]  # fmt: skip
+    argv = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/tsm.yaml"),
+        "--config",
+        str(ROOT / "configs/offline/tsm.yaml"),
+        "--data.root",
+        str(synth_root),
+        "--data.datasets",
+        "[dermamnist]",
+        "--trainer.default_root_dir",
+        str(out_dir),
+        *TINY_TSM,
+        *(e.format(tmp=tmp_path) for e in extra),
+    ]
     code, _, err = run(argv, capsys)
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -132,12 +165,26 @@ def write_like_other_code(root: Path):
 @pytest.mark.slow
 def test_foreign_64px_files_check_train_and_test(capsys, tmp_path):
     flags = write_like_other_code(tmp_path)
-    code, out, err = run(["data", "check", "--root", str(tmp_path), "--datasets", f"[{','.join(flags)}]", "--size", "64"], capsys)
+    code, out, err = run(
+        ["data", "check", "--root", str(tmp_path), "--datasets", f"[{','.join(flags)}]", "--size", "64"], capsys
+    )
     assert code == 0, err
     assert out.count("custom (MD5 n/a)") == 3 and "all 3 files" in out
-    common = ["--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-              "--data.root", str(tmp_path), "--data.datasets", f"[{','.join(flags)}]", "--data.size", "64",
-              "--trainer.default_root_dir", str(tmp_path / "run"), *TINY_TSM]  # fmt: skip
+    common = [
+        "--config",
+        str(ROOT / "configs/tsm.yaml"),
+        "--config",
+        str(ROOT / "configs/offline/tsm.yaml"),
+        "--data.root",
+        str(tmp_path),
+        "--data.datasets",
+        f"[{','.join(flags)}]",
+        "--data.size",
+        "64",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        *TINY_TSM,
+    ]
     code, _, err = run(["fit", *common], capsys)
     assert code == 0, err
     ckpt = next((tmp_path / "run").rglob("last.ckpt"))
@@ -148,11 +195,30 @@ def test_foreign_64px_files_check_train_and_test(capsys, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", [["resnet18"], ["vit_tiny_patch16_224", "--model.init_args.backbone_kwargs", "{patch_size: 7, depth: 1}"]])
+@pytest.mark.parametrize(
+    "backbone",
+    [["resnet18"], ["vit_tiny_patch16_224", "--model.init_args.backbone_kwargs", "{patch_size: 7, depth: 1}"]],
+)
 def test_backbone_swapped_on_the_command_line(backbone, capsys, synth_root, tmp_path):
-    code, _, err = run(["fit", "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-                        "--data.root", str(synth_root), "--data.datasets", f"[{','.join(SMALL_FLAGS)}]",
-                        "--trainer.default_root_dir", str(tmp_path), *TINY_TSM, "--model.init_args.backbone", *backbone], capsys)  # fmt: skip
+    code, _, err = run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/tsm.yaml"),
+            "--config",
+            str(ROOT / "configs/offline/tsm.yaml"),
+            "--data.root",
+            str(synth_root),
+            "--data.datasets",
+            f"[{','.join(SMALL_FLAGS)}]",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *TINY_TSM,
+            "--model.init_args.backbone",
+            *backbone,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert list(tmp_path.rglob("best-*.ckpt"))
 
@@ -160,8 +226,12 @@ def test_backbone_swapped_on_the_command_line(backbone, capsys, synth_root, tmp_
 @pytest.mark.slow
 def test_console_script_runs_as_a_process(tmp_path):
     script = Path(sys.executable).with_name("vitask")
-    done = subprocess.run([str(script), "data", "synth", "--root", str(tmp_path), "--datasets", "[breastmnist]", "--per-class", "3"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(script), "data", "synth", "--root", str(tmp_path), "--datasets", "[breastmnist]", "--per-class", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "synthetic" in done.stdout.lower() and (tmp_path / "breastmnist.npz").is_file()
 
@@ -169,7 +239,21 @@ def test_console_script_runs_as_a_process(tmp_path):
 @pytest.mark.parametrize("command", ["test", "predict"])
 def test_evaluating_without_a_checkpoint_says_so(command, capsys, synth_root, tmp_path):
     with pytest.warns(UserWarning, match="no --ckpt_path: evaluating the model as the config builds it"):
-        code, _, err = run([command, "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-                            "--data.root", str(synth_root), "--data.datasets", "[dermamnist]",
-                            "--trainer.default_root_dir", str(tmp_path), *TINY_TSM], capsys)  # fmt: skip
+        code, _, err = run(
+            [
+                command,
+                "--config",
+                str(ROOT / "configs/tsm.yaml"),
+                "--config",
+                str(ROOT / "configs/offline/tsm.yaml"),
+                "--data.root",
+                str(synth_root),
+                "--data.datasets",
+                "[dermamnist]",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                *TINY_TSM,
+            ],
+            capsys,
+        )
     assert code == 0, err

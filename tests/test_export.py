@@ -47,9 +47,17 @@ def sharp_base(src: str, dst) -> str:
 def fit_and_save(module, synth_root, out) -> str:
     """Two training steps through the Trainer, LoRA B redrawn large (so LoRA matters), then the stage checkpoint."""
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=out)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
     trainer.fit(module, dm)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -119,8 +127,9 @@ def check_adapter(out, state: dict, prefix: str) -> None:
 def vanilla_ckpt(tiny_dirs, synth_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-vanilla")
     base = sharp_base(tiny_dirs["internvl"], root / "base")
-    module = VanillaInstructionTuning(vlm=base, datasets=FLAGS, lora=LORA,
-                                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))  # fmt: skip
+    module = VanillaInstructionTuning(
+        vlm=base, datasets=FLAGS, lora=LORA, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)
+    )
     return fit_and_save(module, synth_root, root), module.eval()
 
 
@@ -151,8 +160,15 @@ def test_vanilla_round_trip_through_peft_and_merged(vanilla_ckpt, synth_root, tm
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_stage1_round_trip_with_connector(family, tiny_dirs, tsm_ckpt, synth_root, tmp_path):
     base = sharp_base(tiny_dirs[family], tmp_path / "base")
-    module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm=base, datasets=FLAGS, lora=LORA, exemplar_tokens=2,
-                                  feature_cache=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))  # fmt: skip
+    module = ExemplarPromptTuning(
+        tsm_ckpt=tsm_ckpt,
+        vlm=base,
+        datasets=FLAGS,
+        lora=LORA,
+        exemplar_tokens=2,
+        feature_cache=False,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
     path = fit_and_save(module, synth_root, tmp_path)
     module.eval()
     out = export(path, out=str(tmp_path / "export"), merge=True)
@@ -197,9 +213,15 @@ def test_the_module_class_comes_from_the_checkpoint_record(vanilla_ckpt, tmp_pat
 def test_a_lora_tensor_without_a_place_or_a_layer_without_one_is_an_error(vanilla_ckpt, tmp_path):
     checkpoint = torch.load(vanilla_ckpt[0], map_location="cpu", weights_only=True)
     lora = sorted(k for k in checkpoint["state_dict"] if "lora_" in k)
-    extra = {**checkpoint, "state_dict": {**checkpoint["state_dict"], lora[0].replace("layers.0.", "layers.7."): torch.ones(1)}}
+    extra = {
+        **checkpoint,
+        "state_dict": {**checkpoint["state_dict"], lora[0].replace("layers.0.", "layers.7."): torch.ones(1)},
+    }
     less = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k != lora[0]}}
-    for name, broken, message in (("extra", extra, "has no place; 1 unused, 0 missing"), ("less", less, "0 unused, 1 missing")):
+    for name, broken, message in (
+        ("extra", extra, "has no place; 1 unused, 0 missing"),
+        ("less", less, "0 unused, 1 missing"),
+    ):
         torch.save(broken, tmp_path / f"{name}.ckpt")
         with pytest.raises(ConfigError, match=f"does not fit the base .*{message}"):
             export(str(tmp_path / f"{name}.ckpt"), out=str(tmp_path / name))
@@ -245,7 +267,9 @@ def test_a_crash_midway_leaves_out_as_it_was(vanilla_ckpt, tmp_path, monkeypatch
     (tmp_path / "old" / "keep.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="boom"):
         export(vanilla_ckpt[0], out=str(tmp_path / "old"), force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in (tmp_path / "old").iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in (tmp_path / "old").iterdir()] == [
+        "keep.txt"
+    ]
 
 
 def test_wrong_checkpoints_are_one_line(tsm_ckpt, vanilla_ckpt, tmp_path, capsys):
@@ -261,5 +285,7 @@ def test_wrong_checkpoints_are_one_line(tsm_ckpt, vanilla_ckpt, tmp_path, capsys
     (run_dir / "checkpoints").mkdir(parents=True)
     inside = shutil.copy(vanilla_ckpt[0], run_dir / "checkpoints")
     line = error_line(["export", str(inside), "--out", str(run_dir), "--force"], capsys)
-    assert "--out:" in line and "which --force would delete" in line and (run_dir / "checkpoints" / "stage.ckpt").is_file()
+    assert (
+        "--out:" in line and "which --force would delete" in line and (run_dir / "checkpoints" / "stage.ckpt").is_file()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]

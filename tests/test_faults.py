@@ -14,10 +14,27 @@ from .test_cli import ROOT, TINY_TSM, run
 
 
 def tsm_fit(synth_root, out, *extra):
-    return ["fit", "--config", str(ROOT / "configs/tsm.yaml"), "--config", str(ROOT / "configs/offline/tsm.yaml"),
-            "--data.root", str(synth_root), "--data.datasets", "[dermamnist]", "--trainer.default_root_dir", str(out),
-            *TINY_TSM, "--data.batch_size", "4", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-            *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs/tsm.yaml"),
+        "--config",
+        str(ROOT / "configs/offline/tsm.yaml"),
+        "--data.root",
+        str(synth_root),
+        "--data.datasets",
+        "[dermamnist]",
+        "--trainer.default_root_dir",
+        str(out),
+        *TINY_TSM,
+        "--data.batch_size",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        *extra,
+    ]
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(synth_root, tmp_path, capsys, monkeypatch):
@@ -31,7 +48,9 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(syn
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(tsm_module, "joint_classification_loss", poisoned)
-    code, _, err = run(tsm_fit(synth_root, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_train_steps", "2"), capsys)
+    code, _, err = run(
+        tsm_fit(synth_root, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_train_steps", "2"), capsys
+    )
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error: training loss is nan at step 2"), err
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -50,7 +69,10 @@ def test_full_disk_is_reported_before_training(synth_root, tmp_path, capsys, mon
     monkeypatch.setattr(guards.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
     code, _, err = run(tsm_fit(synth_root, tmp_path / "run"), capsys)
     assert code == 2
-    assert err.strip().splitlines()[-1].startswith("error: --trainer.default_root_dir:") and "1 MiB free but this run needs" in err
+    assert (
+        err.strip().splitlines()[-1].startswith("error: --trainer.default_root_dir:")
+        and "1 MiB free but this run needs" in err
+    )
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 

@@ -70,7 +70,11 @@ def naive_kl(p_logits, q_logits, temperature=1.0):
 
 def odd_logits(seed=0, n=5, v=11):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, v, generator=g) * 2, torch.randn(n, v, generator=g) * 2, torch.randint(0, v, (n,), generator=g)
+    return (
+        torch.randn(n, v, generator=g) * 2,
+        torch.randn(n, v, generator=g) * 2,
+        torch.randint(0, v, (n,), generator=g),
+    )
 
 
 def test_rda_reverse_is_kl_student_to_teacher_and_forward_the_other_way():
@@ -124,8 +128,12 @@ def test_response_nll_and_normalisation_by_global_token_count():
 def test_losses_are_zero_and_finite_when_a_batch_has_no_response_tokens():
     empty = torch.zeros(0, 9, requires_grad=True)
     targets = torch.zeros(0, dtype=torch.long)
-    for loss in (response_nll(empty, targets), rda_kl(empty, empty), crt(empty, empty, targets),
-                 response_nll(empty, targets, num_tokens=torch.tensor(0.0))):  # fmt: skip
+    for loss in (
+        response_nll(empty, targets),
+        rda_kl(empty, empty),
+        crt(empty, empty, targets),
+        response_nll(empty, targets, num_tokens=torch.tensor(0.0)),
+    ):
         assert loss.item() == 0.0 and torch.isfinite(loss)
         loss.backward()  # still part of the graph
 

@@ -37,10 +37,6 @@ def test_notebook_runs_without_errors(name, tmp_path, monkeypatch):
     # jupyter_client starts the kernelspec's `python` as this very interpreter (the venv's ipykernel)
     assert nb.cells[0].outputs[0]["text"].strip() == sys.executable
     errors = [
-        out
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.outputs
-        if out.output_type == "error"
+        out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"
     ]
     assert not errors

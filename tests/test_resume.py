@@ -26,23 +26,62 @@ EVERY = 3  # last.ckpt at steps 3, 6, 9: all mid-epoch (none is a multiple of 5)
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
 
 
 def stage_args(stage: str, root: Path, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir, init_from=None) -> list[str]:
     config = {"tsm": "tsm", "vanilla": "vanilla", "ep": "ep", "rda_crt": "rda_crt"}[stage]
-    args = ["fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", str(ROOT / f"configs/offline/{config}.yaml"),
-            "--data.root", str(synth_root), "--data.datasets", "[dermamnist,pneumoniamnist]",
-            "--data.max_samples", "10", "--data.batch_size", "4", "--seed_everything", "7",
-            "--trainer.max_epochs", str(EPOCHS), "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(root),
-            "--last_checkpoint.every_n_train_steps", str(EVERY)]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / f"configs/{config}.yaml"),
+        "--config",
+        str(ROOT / f"configs/offline/{config}.yaml"),
+        "--data.root",
+        str(synth_root),
+        "--data.datasets",
+        "[dermamnist,pneumoniamnist]",
+        "--data.max_samples",
+        "10",
+        "--data.batch_size",
+        "4",
+        "--seed_everything",
+        "7",
+        "--trainer.max_epochs",
+        str(EPOCHS),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--last_checkpoint.every_n_train_steps",
+        str(EVERY),
+    ]
     if stage == "tsm":  # augmentation drawn in 2 worker processes
         return args + ["--model.init_args.backbone", "resnet18", "--data.augment_shift", "2", "--data.num_workers", "2"]
-    args += ["--model.init_args.vlm", tiny_dirs["internvl"], "--model.init_args.lora.dropout", "0.2",
-             "--data.num_workers", "0", "--data.eval_batch_size", "8"]  # fmt: skip
+    args += [
+        "--model.init_args.vlm",
+        tiny_dirs["internvl"],
+        "--model.init_args.lora.dropout",
+        "0.2",
+        "--data.num_workers",
+        "0",
+        "--data.eval_batch_size",
+        "8",
+    ]
     if stage in ("ep", "rda_crt"):
         args += ["--model.init_args.tsm_ckpt", tsm_ckpt, "--model.init_args.cache_dir", feature_cache_dir]
     if stage == "rda_crt":
@@ -53,8 +92,9 @@ def stage_args(stage: str, root: Path, synth_root, tiny_dirs, tsm_ckpt, feature_
 def start(args: list[str], command: str = "vitask_pl.cli") -> subprocess.Popen:
     """``python -m command ARGS`` in the background; output to a temporary file, so a full pipe never stalls it."""
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", command, *args], env=_env(), cwd=ROOT, text=True,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", command, *args], env=_env(), cwd=ROOT, text=True, stdout=log, stderr=subprocess.STDOUT
+    )
     proc.log = log
     return proc
 
@@ -127,8 +167,9 @@ def kill_and_resume(args, tmp_path) -> tuple[dict, dict, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["tsm", "vanilla", "ep", "rda_crt"])
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(stage, tmp_path, synth_root, tiny_dirs, tsm_ckpt,
-                                                        feature_cache_dir, request):  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(
+    stage, tmp_path, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir, request
+):
     init_from = request.getfixturevalue("stage1_ckpt") if stage == "rda_crt" else None
 
     def args(name: str) -> list[str]:
@@ -140,17 +181,23 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(stage, tmp_path, synth_r
 
 
 @pytest.mark.slow
-def test_killed_at_an_epoch_end_with_an_injected_schedule_resumes_exactly(tmp_path, synth_root, tiny_dirs, tsm_ckpt,
-                                                                         feature_cache_dir):  # fmt: skip
+def test_killed_at_an_epoch_end_with_an_injected_schedule_resumes_exactly(
+    tmp_path, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir
+):
     """A checkpoint on an epoch's last batch (the save waits for that epoch's validation), and a scheduler given in
     the config, with which Lightning itself applies the loader state: the same weights, and the same validations
     (so the same best checkpoint) as a run that never stopped."""
 
     def args(name: str) -> list[str]:
-        return [*stage_args("tsm", tmp_path / name, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir),
-                "--last_checkpoint.every_n_train_steps", str(STEPS_PER_EPOCH),
-                "--model.init_args.scheduler", "torch.optim.lr_scheduler.ExponentialLR",
-                "--model.init_args.scheduler.gamma", "0.5"]  # fmt: skip
+        return [
+            *stage_args("tsm", tmp_path / name, synth_root, tiny_dirs, tsm_ckpt, feature_cache_dir),
+            "--last_checkpoint.every_n_train_steps",
+            str(STEPS_PER_EPOCH),
+            "--model.init_args.scheduler",
+            "torch.optim.lr_scheduler.ExponentialLR",
+            "--model.init_args.scheduler.gamma",
+            "0.5",
+        ]
 
     straight, resumed, killed_at = kill_and_resume(args, tmp_path)
     assert killed_at == STEPS_PER_EPOCH
@@ -170,13 +217,28 @@ def test_pipeline_killed_mid_stage_continues_where_it_stopped(tmp_path, synth_ro
     vlm = {"model.init_args.vlm": tiny_dirs["internvl"]}
     cache = {**vlm, "model.init_args.cache_dir": feature_cache_dir}
     config = {
-        "name": "p", "configs": str(ROOT / "configs"), "overlay": "offline", "synthesize": None,
-        "common": {"data.root": str(synth_root), "data.datasets": ["dermamnist", "pneumoniamnist"], "data.max_samples": 10,
-                   "data.batch_size": 4, "data.eval_batch_size": 10, "data.num_workers": 0, "trainer.max_epochs": 1,
-                   "trainer.limit_val_batches": 1, "trainer.enable_progress_bar": False},
-        "stages": {"tsm": {"model.init_args.backbone": "resnet18"}, "vanilla": vlm,
-                   "ep": {**cache, "trainer.max_epochs": 2, "last_checkpoint.every_n_train_steps": 3}, "rda_crt": cache},
-    }  # fmt: skip
+        "name": "p",
+        "configs": str(ROOT / "configs"),
+        "overlay": "offline",
+        "synthesize": None,
+        "common": {
+            "data.root": str(synth_root),
+            "data.datasets": ["dermamnist", "pneumoniamnist"],
+            "data.max_samples": 10,
+            "data.batch_size": 4,
+            "data.eval_batch_size": 10,
+            "data.num_workers": 0,
+            "trainer.max_epochs": 1,
+            "trainer.limit_val_batches": 1,
+            "trainer.enable_progress_bar": False,
+        },
+        "stages": {
+            "tsm": {"model.init_args.backbone": "resnet18"},
+            "vanilla": vlm,
+            "ep": {**cache, "trainer.max_epochs": 2, "last_checkpoint.every_n_train_steps": 3},
+            "rda_crt": cache,
+        },
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
 
     def pipeline(name: str) -> list[str]:
@@ -194,6 +256,10 @@ def test_pipeline_killed_mid_stage_continues_where_it_stopped(tmp_path, synth_ro
         a, b = (state(tmp_path / f"{run}/p/seed0/{stage}/checkpoints/last.ckpt") for run in ("straight", "crashed"))
         assert a["global_step"] == b["global_step"] > 0
         assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items()), f"{stage} differs"
-        metrics = [json.loads(Path(json.loads((tmp_path / f"{run}/p/seed0/{stage}/done.json").read_text())["metrics"]).read_text())
-                   for run in ("straight", "crashed")]  # fmt: skip
+        metrics = [
+            json.loads(
+                Path(json.loads((tmp_path / f"{run}/p/seed0/{stage}/done.json").read_text())["metrics"]).read_text()
+            )
+            for run in ("straight", "crashed")
+        ]
         assert metrics[0] == metrics[1]

@@ -29,7 +29,7 @@ def test_preset_parses_on_top_of_stage2(preset, capsys, synth_root):
     argv = ["fit", *STAGE2, "--config", str(preset), "--data.root", str(synth_root), "--data.datasets", "[dermamnist]"]
     code, out, err = run([*argv, "--print_config"], capsys)
     assert code == 0, err
-    printed = yaml.safe_load(out[out.index("# lightning.pytorch"):])  # deepspeed's import logs to stdout first
+    printed = yaml.safe_load(out[out.index("# lightning.pytorch") :])  # deepspeed's import logs to stdout first
     wanted = yaml.safe_load(preset.read_text())["trainer"]
     for key, value in wanted.items():
         if key == "strategy":
@@ -67,7 +67,9 @@ def stage1_adapters(tsm_ckpt, tmp_path_factory):
     from vitask_pl.modules.vlm_parts import is_adapter
 
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)  # configs/offline/rda_crt.yaml
-    module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, lora=lora, feature_cache=False)
+    module = ExemplarPromptTuning(
+        tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, lora=lora, feature_cache=False
+    )
     path = tmp_path_factory.mktemp("stage1") / "stage1.ckpt"
     checkpoint = {"state_dict": {k: v for k, v in module.state_dict().items() if is_adapter(k)}}
     stamp(checkpoint, module)  # what on_save_checkpoint adds
@@ -76,10 +78,27 @@ def stage1_adapters(tsm_ckpt, tmp_path_factory):
 
 
 def build(name: str, tsm_ckpt: str, init_from: str, root: Path, out: Path):
-    return build_cli([*STAGE2, *overlay(name), "--data.root", str(root), "--data.datasets", f"[{','.join(FLAGS)}]",
-                      "--data.num_workers", "0", "--model.init_args.tsm_ckpt", tsm_ckpt,
-                      "--model.init_args.init_from", init_from, "--trainer.logger", "false",
-                      "--trainer.default_root_dir", str(out)], run=False)  # fmt: skip
+    return build_cli(
+        [
+            *STAGE2,
+            *overlay(name),
+            "--data.root",
+            str(root),
+            "--data.datasets",
+            f"[{','.join(FLAGS)}]",
+            "--data.num_workers",
+            "0",
+            "--model.init_args.tsm_ckpt",
+            tsm_ckpt,
+            "--model.init_args.init_from",
+            init_from,
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(out),
+        ],
+        run=False,
+    )
 
 
 @pytest.mark.slow
@@ -123,12 +142,26 @@ def test_stage2_step_bf16_mixed_on_cuda(tsm_ckpt, stage1_adapters, synth_root, t
     from vitask_pl.models.vlm import LoraSettings
     from vitask_pl.modules.vitask import RDACRTTuning
 
-    module = RDACRTTuning(init_from=stage1_adapters, tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS,
-                          lora=LoraSettings(r=8, alpha=16, dropout=0.0), cache_dir=str(tmp_path / "features"))  # fmt: skip
+    module = RDACRTTuning(
+        init_from=stage1_adapters,
+        tsm_ckpt=tsm_ckpt,
+        vlm="tiny:internvl",
+        datasets=FLAGS,
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+        cache_dir=str(tmp_path / "features"),
+    )
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     after = dict(module.named_parameters())

@@ -94,7 +94,9 @@ def is_nonempty(path: Path) -> bool:
 
 
 def overwrite_error(out: Path) -> ConfigError:
-    return ConfigError(f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out.")
+    return ConfigError(
+        f"--out: {out} already exists and is not empty; pass --force to overwrite it, or choose another --out."
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

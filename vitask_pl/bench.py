@@ -52,7 +52,9 @@ class PeakMemory:
             self._hooks.__exit__(*exc)
 
 
-def measure(fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2, params=()) -> tuple[float, float]:
+def measure(
+    fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2, params=()
+) -> tuple[float, float]:
     """(median seconds per call, memory in MiB of one call; see :class:`PeakMemory`)."""
     for _ in range(warmup):
         fn()
@@ -104,7 +106,9 @@ def bench(
     """
 
     flags = datasets or ["dermamnist", "chestmnist", "bloodmnist", "pneumoniamnist"]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     with tempfile.TemporaryDirectory(prefix="vitask-bench-") as tmp:  # data and TSM checkpoint of this run only
         return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm)
 
@@ -120,9 +124,12 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
     synthesize(tmp, flags, image_size, per_class=4, seed=0)
     dm = MedMNISTDataModule(str(tmp), flags, image_size, num_workers=0)
     module = ExemplarPromptTuning(
-        tsm_ckpt=_tiny_tsm_checkpoint(tmp / "tsm.ckpt", flags, image_size), vlm=vlm or f"tiny:{family}",
-        datasets=flags, image_size=image_size, feature_cache=False,
-    ).to(dev)  # fmt: skip
+        tsm_ckpt=_tiny_tsm_checkpoint(tmp / "tsm.ckpt", flags, image_size),
+        vlm=vlm or f"tiny:{family}",
+        datasets=flags,
+        image_size=image_size,
+        feature_cache=False,
+    ).to(dev)
     core, v = module.core, module.core.vlm
     ds = dm.dataset("train", negatives=True)
     samples = [ds[i * len(ds) // batch_size] for i in range(batch_size)]
@@ -143,14 +150,20 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
 
     def vanilla_full_logits():  # what a generic causal-LM loss does: the head at every position
         embeds = v.embed(batch["input_ids"], v.image_features(batch["pixel"]))
-        hidden, _ = v.decode(embeds, batch["attention_mask"], v.positions(batch["input_ids"], batch["attention_mask"], batch))
+        hidden, _ = v.decode(
+            embeds, batch["attention_mask"], v.positions(batch["input_ids"], batch["attention_mask"], batch)
+        )
         logits = v.head(hidden)[:, :-1]
         labels = batch["labels"][:, 1:]
         backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
 
     def stage2_terms(views, targets):
-        return (response_nll(views["plain"], targets) + response_nll(views["ep"], targets)
-                + rda_kl(views["plain"], views["ep"]) + crt(views["plain"], views["neg"], targets))  # fmt: skip
+        return (
+            response_nll(views["plain"], targets)
+            + response_nll(views["ep"], targets)
+            + rda_kl(views["plain"], views["ep"])
+            + crt(views["plain"], views["neg"], targets)
+        )
 
     def stage2_fused():
         views = fused_views(v, batch, core.exemplars(batch, "train"), core.collate.pad_id, negatives=True)
@@ -174,19 +187,24 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
 
     module.train()
     params = list(module.parameters())
-    results = {name: measure(fn, dev, steps, params=params) for name, fn in [
-        ("vanilla, response-only logits", vanilla_response_only),
-        ("vanilla, full logits", vanilla_full_logits),
-        ("stage 2, fused views", stage2_fused),
-        ("stage 2, three forwards", stage2_separate),
-    ]}  # fmt: skip
+    results = {
+        name: measure(fn, dev, steps, params=params)
+        for name, fn in [
+            ("vanilla, response-only logits", vanilla_response_only),
+            ("vanilla, full logits", vanilla_full_logits),
+            ("stage 2, fused views", stage2_fused),
+            ("stage 2, three forwards", stage2_separate),
+        ]
+    }
     module.eval()
     results["eval score"] = measure(evaluate_score, dev, steps, params=params)
     results["eval generate"] = measure(evaluate_generate, dev, steps, params=params)
 
     n_tokens = int((batch["labels"] != -100).sum())
-    print(f"vitask bench — {vlm or 'tiny:' + family}, batch {batch_size}, {image_size} px, {dev.type}, "
-          f"sequence {batch['input_ids'].shape[1]} tokens ({n_tokens} response), vocab {v.head(torch.zeros(1, v.hidden_size, device=dev)).shape[-1]}")  # fmt: skip
+    print(
+        f"vitask bench — {vlm or 'tiny:' + family}, batch {batch_size}, {image_size} px, {dev.type}, "
+        f"sequence {batch['input_ids'].shape[1]} tokens ({n_tokens} response), vocab {v.head(torch.zeros(1, v.hidden_size, device=dev)).shape[-1]}"
+    )
     memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
     print(f"{'variant':<32}{'ms/step':>10}{memory:>11}")
     for name, (sec, mib) in results.items():
@@ -201,11 +219,19 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         "full / response-only logits, memory": ratio(results["vanilla, full logits"][1], base_m),
         "stage-2 fused / vanilla, time (target <= 2.5)": ratio(results["stage 2, fused views"][0], base_t),
         "stage-2 fused / vanilla, memory": ratio(results["stage 2, fused views"][1], base_m),
-        "three forwards / fused, time": ratio(results["stage 2, three forwards"][0], results["stage 2, fused views"][0]),
-        "three forwards / fused, memory": ratio(results["stage 2, three forwards"][1], results["stage 2, fused views"][1]),
+        "three forwards / fused, time": ratio(
+            results["stage 2, three forwards"][0], results["stage 2, fused views"][0]
+        ),
+        "three forwards / fused, memory": ratio(
+            results["stage 2, three forwards"][1], results["stage 2, fused views"][1]
+        ),
         "score / generate throughput": ratio(results["eval generate"][0], results["eval score"][0]),
     }
     print("ratios (same process, same batch):")
     for name, value in lines.items():
         print(f"  {name:<48}{value:>8.2f}")
-    return {"ms": {k: t * 1e3 for k, (t, _) in results.items()}, "mib": {k: m for k, (_, m) in results.items()}, "ratios": lines}
+    return {
+        "ms": {k: t * 1e3 for k, (t, _) in results.items()},
+        "mib": {k: m for k, (_, m) in results.items()},
+        "ratios": lines,
+    }

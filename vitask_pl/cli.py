@@ -22,12 +22,21 @@ TOOLS = {
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
     "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
     "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),
-    "pipeline": ("vitask_pl.pipeline:pipeline", "the whole method: TSM -> vanilla -> EP -> RDA+CRT -> evaluation -> report"),
+    "pipeline": (
+        "vitask_pl.pipeline:pipeline",
+        "the whole method: TSM -> vanilla -> EP -> RDA+CRT -> evaluation -> report",
+    ),
     "report": ("vitask_pl.report:report", "regenerate results.json, report.md and plots of a pipeline run"),
-    "export": ("vitask_pl.export:export", "write a stage checkpoint's LoRA (PEFT format) + connector; --merge for a merged HF model"),
+    "export": (
+        "vitask_pl.export:export",
+        "write a stage checkpoint's LoRA (PEFT format) + connector; --merge for a merged HF model",
+    ),
 }
 
-POSITIONAL = {"report", "export"}  # `vitask report RUN_DIR`, `vitask export CKPT --out DIR`; the others take --options only
+POSITIONAL = {
+    "report",
+    "export",
+}  # `vitask report RUN_DIR`, `vitask export CKPT --out DIR`; the others take --options only
 
 HELP = """usage: vitask <command> [options]
 
@@ -74,13 +83,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             # every N optimizer steps (mid-epoch) and at the end, which `--ckpt_path last` resumes from.
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-            parser.set_defaults({
-                "checkpoint.monitor": "val/avg/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
-                "checkpoint.auto_insert_metric_name": False,  # metric keys hold slashes
-                "checkpoint.save_last": False,  # last.ckpt is last_checkpoint's
-            })  # fmt: skip
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/avg/acc",
+                    "checkpoint.mode": "max",
+                    "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
+                    "checkpoint.auto_insert_metric_name": False,  # metric keys hold slashes
+                    "checkpoint.save_last": False,  # last.ckpt is last_checkpoint's
+                }
+            )
 
         def _parse_ckpt_path(self) -> None:
             # Lightning reads --ckpt_path's hyperparameters here, before any vitask code runs: read it safely
@@ -92,8 +103,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             path = config.get("ckpt_path") if config else None
             if path and Path(path).is_file():
                 record = read(load(path, "--ckpt_path", mmap=True), path, "--ckpt_path")
-                run = {"stage": config.model.class_path.rsplit(".", 1)[-1],
-                       "datasets": resolve_flags(config.data.init_args.datasets)}  # fmt: skip
+                run = {
+                    "stage": config.model.class_path.rsplit(".", 1)[-1],
+                    "datasets": resolve_flags(config.data.init_args.datasets),
+                }
                 compare(record, run, path=path, option="--ckpt_path", same_datasets=True)
             super()._parse_ckpt_path()
 
@@ -125,8 +138,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def before_test(self) -> None:
             if self.config[self.subcommand].ckpt_path is None:
-                rank_zero_warn("no --ckpt_path: evaluating the model as the config builds it (untrained adapters, "
-                               "or init_from's), not a trained checkpoint")  # fmt: skip
+                rank_zero_warn(
+                    "no --ckpt_path: evaluating the model as the config builds it (untrained adapters, "
+                    "or init_from's), not a trained checkpoint"
+                )
 
         before_predict = before_test
 
@@ -163,8 +178,10 @@ def _run_tool(name: str, argv: list[str]) -> None:
     argv = [_underscore_option(a) for a in argv]
     # Boolean options also work as bare flags (`--force`), as users of argparse tools expect.
     flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
-    argv = [f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
-            for i, a in enumerate(argv)]  # fmt: skip
+    argv = [
+        f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+        for i, a in enumerate(argv)
+    ]
     CLI(fn, args=argv, prog=f"vitask {name}", as_positional=name in POSITIONAL)
 
 
@@ -188,7 +205,11 @@ def _parser_error(message: str) -> str:
     if not keys or not got:
         return " ".join(message.split()) + " (`vitask <command> --help` lists the options)"
     option = "--" + ".".join(k for k in keys if k != "init_args")
-    kind = f"an {wanted.group(1)}" if wanted and wanted.group(1)[0] in "aeiou" else f"a {wanted.group(1) if wanted else 'valid value'}"
+    kind = (
+        f"an {wanted.group(1)}"
+        if wanted and wanted.group(1)[0] in "aeiou"
+        else f"a {wanted.group(1) if wanted else 'valid value'}"
+    )
     return f"{option}: {got[-1].strip()!r} is not {kind}; pass {kind} (`vitask <command> --help` lists the options)."
 
 
@@ -209,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
             build_cli(None if from_command_line else argv)  # LightningCLI warns when given both
         else:
             groups = sorted({n.split()[0] for n in TOOLS} | set(TRAINER_COMMANDS))
-            print(f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "
-                  f"(`vitask --help` lists them all).", file=sys.stderr)  # fmt: skip
+            print(
+                f"vitask: unknown command {' '.join(argv[:2])!r}; choose one of {', '.join(groups)} "
+                f"(`vitask --help` lists them all).",
+                file=sys.stderr,
+            )
             sys.exit(2)
     except ArgumentError as err:  # the trainer commands' parser raises instead of printing its usage
         user_error = _user_error(err)

@@ -23,7 +23,9 @@ TSM = "vitask_pl.modules.tsm.TSMModule"
 # Where each VLM stage holds the transformers model in its state dict; LoRA keys continue with its module paths.
 VLM_PREFIX = {VANILLA: "vlm.model.", STAGE1: "core.vlm.model.", STAGE2: "core.vlm.model."}
 CONNECTOR_PREFIX = "core.connector."
-STAGE_CKPT = "a vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (its checkpoints/last.ckpt or best-*.ckpt)"
+STAGE_CKPT = (
+    "a vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (its checkpoints/last.ckpt or best-*.ckpt)"
+)
 
 
 def read_checkpoint(path: str) -> tuple[dict, str]:
@@ -35,8 +37,10 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
     checkpoint = load(Path(path).expanduser(), "CKPT", STAGE_CKPT)
     cls = read(checkpoint, path, "CKPT").get("module")
     if cls == TSM:
-        raise ConfigError(f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
-                          f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features).")  # fmt: skip
+        raise ConfigError(
+            f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
+            f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features)."
+        )
     if cls not in VLM_PREFIX:
         raise ConfigError(f"CKPT: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
     return checkpoint, cls
@@ -50,8 +54,10 @@ def lora_weights(checkpoint: dict, cls: str, path: str) -> dict[str, torch.Tenso
         raise ConfigError(f"CKPT: {path} holds no LoRA weights; pass {STAGE_CKPT}.")
     stray = [k for k in lora if not k.startswith(prefix)]
     if stray:
-        raise ConfigError(f"CKPT: {path} has LoRA weight {stray[0]} outside {prefix}*, where {cls} keeps its VLM; "
-                          f"its keys and its module class disagree.")  # fmt: skip
+        raise ConfigError(
+            f"CKPT: {path} has LoRA weight {stray[0]} outside {prefix}*, where {cls} keeps its VLM; "
+            f"its keys and its module class disagree."
+        )
     return {k[len(prefix) :]: v for k, v in lora.items()}
 
 
@@ -64,19 +70,26 @@ def load_lora(peft_model, weights: dict[str, torch.Tensor], path: str, base: str
     missing = [k for k in ours if k not in mapped]
     if unused or missing:
         first = f"{unused[0]} has no place" if unused else f"nothing for {missing[0]}"
-        raise ConfigError(f"CKPT: {path}'s LoRA does not fit the base {base} with its lora settings ({first}; "
-                          f"{len(unused)} unused, {len(missing)} missing); the base must be the model it was trained on.")  # fmt: skip
+        raise ConfigError(
+            f"CKPT: {path}'s LoRA does not fit the base {base} with its lora settings ({first}; "
+            f"{len(unused)} unused, {len(missing)} missing); the base must be the model it was trained on."
+        )
     result = peft_model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 
 
 def connector_files(checkpoint: dict, path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The TSM connector's tensors (``TSMConnector`` state-dict keys) and what rebuilds it and feeds it."""
-    tensors = {k[len(CONNECTOR_PREFIX) :]: v.contiguous() for k, v in checkpoint["state_dict"].items()
-               if k.startswith(CONNECTOR_PREFIX)}  # fmt: skip
+    tensors = {
+        k[len(CONNECTOR_PREFIX) :]: v.contiguous()
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(CONNECTOR_PREFIX)
+    }
     if "net.1.weight" not in tensors:
-        raise ConfigError(f"CKPT: {path} is a VITask stage checkpoint without its TSM connector (no "
-                          f"{CONNECTOR_PREFIX}net.1.weight); pass {STAGE_CKPT}.")  # fmt: skip
+        raise ConfigError(
+            f"CKPT: {path} is a VITask stage checkpoint without its TSM connector (no "
+            f"{CONNECTOR_PREFIX}net.1.weight); pass {STAGE_CKPT}."
+        )
     hp = checkpoint["hyper_parameters"]
     hidden, width = tensors["net.1.weight"].shape
     num_tokens = hp.get("exemplar_tokens", 1)
@@ -95,8 +108,10 @@ def connector_files(checkpoint: dict, path: str) -> tuple[dict[str, torch.Tensor
 def _readme(provenance: dict) -> str:
     notes = []
     if provenance["connector"]:
-        notes.append("`connector.safetensors` + `connector.json`: the TSM connector (`TSMConnector(**init_args)`), fed the "
-                     "features of `tsm_ckpt`; its exemplar tokens follow the last image token.")  # fmt: skip
+        notes.append(
+            "`connector.safetensors` + `connector.json`: the TSM connector (`TSMConnector(**init_args)`), fed the "
+            "features of `tsm_ckpt`; its exemplar tokens follow the last image token."
+        )
     if provenance["merged"]:
         notes.append(
             "`merged/`: the base with the LoRA merged in, `AutoModelForImageTextToText.from_pretrained(DIR/merged)`."
@@ -133,21 +148,40 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
     source = resolve_source(hp["vlm"], hp.get("image_size", 28), option)
     base = str(Path(source).resolve()) if Path(source).is_dir() else source  # a hub id stays an id
     # sdpa whatever training used: the export runs no forward, and flash_attention_2 would need a GPU here.
-    model, processor, family = load_vlm(source, dtype=hp.get("dtype", "float32"), image_size=hp.get("image_size", 28),
-                                        trust_remote_code=hp.get("trust_remote_code", False), option=option)  # fmt: skip
+    model, processor, family = load_vlm(
+        source,
+        dtype=hp.get("dtype", "float32"),
+        image_size=hp.get("image_size", 28),
+        trust_remote_code=hp.get("trust_remote_code", False),
+        option=option,
+    )
     names = lora_target_names(model, family, settings)
     # The LoraConfig freeze_and_add_lora trained with, inside a PeftModel this time, so it saves in PEFT format.
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names,
-                        bias="none", base_model_name_or_path=base)  # fmt: skip
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=names,
+        bias="none",
+        base_model_name_or_path=base,
+    )
     peft_model = get_peft_model(model, config)  # adapters in float32 over a bf16/fp16 base, as in training
     load_lora(peft_model, lora_weights(checkpoint, cls, ckpt), ckpt, base)
 
     provenance = {
-        "checkpoint": str(Path(ckpt).expanduser().resolve()), "sha256": file_sha256(Path(ckpt).expanduser()),
-        "module": cls, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step"),
-        "vlm": hp["vlm"], "base": base, "family": family.name, "dtype": hp.get("dtype", "float32"),
-        "lora": dataclasses.asdict(settings), "connector": cls != VANILLA, "merged": merge,
-    }  # fmt: skip
+        "checkpoint": str(Path(ckpt).expanduser().resolve()),
+        "sha256": file_sha256(Path(ckpt).expanduser()),
+        "module": cls,
+        "epoch": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+        "vlm": hp["vlm"],
+        "base": base,
+        "family": family.name,
+        "dtype": hp.get("dtype", "float32"),
+        "lora": dataclasses.asdict(settings),
+        "connector": cls != VANILLA,
+        "merged": merge,
+    }
     peft_model.save_pretrained(tmp)
     card = ModelCard.load(tmp / "README.md")  # PEFT's template card: keep its hub metadata, say what this is instead
     card.text = _readme(provenance)
@@ -188,9 +222,7 @@ def export(ckpt: str, *, out: str, merge: bool = False, force: bool = False) -> 
     if is_nonempty(target) and not force:
         raise overwrite_error(target)
     if Path(ckpt).expanduser().resolve().is_relative_to(target.resolve()):
-        raise ConfigError(
-            f"--out: {out} contains CKPT {ckpt}, which --force would delete; choose another --out."
-        )
+        raise ConfigError(f"--out: {out} contains CKPT {ckpt}, which --force would delete; choose another --out.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling(target, "tmp")
     tmp.mkdir()

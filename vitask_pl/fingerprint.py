@@ -43,8 +43,12 @@ def fingerprint(module: torch.nn.Module) -> dict:
         "image_size": module.hparams.get("image_size"),
     }
     if vlm is not None:
-        record.update(family=vlm.family.name, hidden_size=int(vlm.hidden_size), lora_r=_lora_rank(vlm.model),
-                      vlm=str(module.hparams.get("vlm")))  # fmt: skip
+        record.update(
+            family=vlm.family.name,
+            hidden_size=int(vlm.hidden_size),
+            lora_r=_lora_rank(vlm.model),
+            vlm=str(module.hparams.get("vlm")),
+        )
     if hasattr(core, "source"):
         record["tsm_width"] = int(core.source.width)
     if hasattr(module, "tsm"):
@@ -71,20 +75,30 @@ def load(path: str | Path, option: str, produced_by: str = "`vitask fit`", *, mm
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, foreign pickle, objects outside the weights-only allowlist
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{option}: {path} cannot be read as a checkpoint ({reason}); pass a checkpoint written "
-                          f"by {produced_by}.") from err
+        raise ConfigError(
+            f"{option}: {path} cannot be read as a checkpoint ({reason}); pass a checkpoint written by {produced_by}."
+        ) from err
 
 
 def read(checkpoint: dict, path: str | Path, option: str) -> dict:
     record = checkpoint.get(KEY)
     if not isinstance(record, dict):
-        raise ConfigError(f"{option}: {path} is not a vitask checkpoint (it has no '{KEY}' record); pass a checkpoint "
-                          f"written by `vitask fit`.")  # fmt: skip
+        raise ConfigError(
+            f"{option}: {path} is not a vitask checkpoint (it has no '{KEY}' record); pass a checkpoint "
+            f"written by `vitask fit`."
+        )
     return record
 
 
-def compare(theirs: dict, ours: dict, *, path: str | Path, option: str, stages: tuple[str, ...] | None = None,
-            same_datasets: bool = False) -> None:  # fmt: skip
+def compare(
+    theirs: dict,
+    ours: dict,
+    *,
+    path: str | Path,
+    option: str,
+    stages: tuple[str, ...] | None = None,
+    same_datasets: bool = False,
+) -> None:
     """Raise unless checkpoint record ``theirs`` fits a run described by ``ours`` (a partial record is fine).
 
     The datasets must be the same list where dataset positions are baked in (the TSM's joint head, a module
@@ -100,15 +114,30 @@ def compare(theirs: dict, ours: dict, *, path: str | Path, option: str, stages: 
         unseen = [d for d in ours["datasets"] if d not in theirs.get("datasets", [])]
     if clash or unseen:
         what = ", ".join(clash + (["datasets"] if unseen else []))
-        raise ConfigError(f"{option}: {path} differs in {what}: it holds {describe(theirs)}; this run builds "
-                          f"{describe(ours)}. Pass a checkpoint trained with this configuration.")  # fmt: skip
+        raise ConfigError(
+            f"{option}: {path} differs in {what}: it holds {describe(theirs)}; this run builds "
+            f"{describe(ours)}. Pass a checkpoint trained with this configuration."
+        )
 
 
-def check(checkpoint: dict, module: torch.nn.Module, *, path: str | Path, option: str = "--ckpt_path",
-          stages: tuple[str, ...] | None = None, same_datasets: bool = False) -> None:  # fmt: skip
+def check(
+    checkpoint: dict,
+    module: torch.nn.Module,
+    *,
+    path: str | Path,
+    option: str = "--ckpt_path",
+    stages: tuple[str, ...] | None = None,
+    same_datasets: bool = False,
+) -> None:
     """Refuse ``checkpoint`` unless it was trained as what ``module`` is (or one of ``stages``)."""
-    compare(read(checkpoint, path, option), fingerprint(module), path=path, option=option, stages=stages,
-            same_datasets=same_datasets)  # fmt: skip
+    compare(
+        read(checkpoint, path, option),
+        fingerprint(module),
+        path=path,
+        option=option,
+        stages=stages,
+        same_datasets=same_datasets,
+    )
 
 
 def stamp(checkpoint: dict, module: torch.nn.Module) -> None:

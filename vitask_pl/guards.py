@@ -53,8 +53,9 @@ def check_output_dir(ckpt_dir: str | Path, *, need_bytes: int, option: str = "--
             probe.unlink(missing_ok=True)
         free = shutil.disk_usage(ckpt_dir).free
     except OSError as err:
-        raise ConfigError(f"{option}: cannot write checkpoints to {ckpt_dir} ({err.strerror or err}); pass a "
-                          f"writable folder.") from err  # fmt: skip
+        raise ConfigError(
+            f"{option}: cannot write checkpoints to {ckpt_dir} ({err.strerror or err}); pass a writable folder."
+        ) from err
     finally:
         for folder in made:  # innermost first
             with contextlib.suppress(OSError):
@@ -71,8 +72,10 @@ def refuse_fresh_over_earlier(ckpt_dir: str | Path, ckpt_path: str | None) -> No
     with nothing to resume is a mistake too (Lightning would warn and silently start from scratch)."""
     earlier = last_checkpoints(ckpt_dir)
     if ckpt_path == "last" and not earlier:
-        raise ConfigError(f"--ckpt_path last: {ckpt_dir} holds no last.ckpt to resume; check "
-                          f"--trainer.default_root_dir, or drop --ckpt_path to start afresh.")  # fmt: skip
+        raise ConfigError(
+            f"--ckpt_path last: {ckpt_dir} holds no last.ckpt to resume; check "
+            f"--trainer.default_root_dir, or drop --ckpt_path to start afresh."
+        )
     if ckpt_path is None and earlier:
         raise ConfigError(
             f"--trainer.default_root_dir: {Path(ckpt_dir).parent} already holds an earlier run's checkpoint "

@@ -74,7 +74,14 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
         print(f"[pipeline] {seed_dir.name}/{name}: done earlier, skipped ({record_path})")
         return record
     config, evaluations = STAGES[name]
-    base = [*config_args, *cli_args(overrides), "--trainer.default_root_dir", str(stage_dir), "--seed_everything", str(seed)]
+    base = [
+        *config_args,
+        *cli_args(overrides),
+        "--trainer.default_root_dir",
+        str(stage_dir),
+        "--seed_everything",
+        str(seed),
+    ]
     times, record = {}, {"stage": name, "seed": seed, "files": []}
     resume = last_checkpoints(stage_dir / "checkpoints")  # a killed fit continues, bit-identically
     print(f"[pipeline] {seed_dir.name}/{name}: fit" + (f", resuming from {resume[-1]}" if resume else ""))
@@ -206,7 +213,11 @@ def pipeline(
             raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}.")
     if synthesize:
         _ensure_synthetic(**synthesize)
-    order = ["tsm", "vanilla", "ep", "rda_crt"] + (list(ABLATIONS) if ablations else []) + (list(INCOMPLETE) if incomplete else [])
+    order = (
+        ["tsm", "vanilla", "ep", "rda_crt"]
+        + (list(ABLATIONS) if ablations else [])
+        + (list(INCOMPLETE) if incomplete else [])
+    )
     start = time.monotonic()
     for k in range(seeds):
         seed_dir = run_dir / f"seed{seed + k}"
@@ -216,7 +227,12 @@ def pipeline(
             config_args = ["--config", str(Path(configs) / f"{config}.yaml")]
             if overlay:
                 config_args += ["--config", str(Path(configs) / overlay / f"{config}.yaml")]
-            overrides = {**(common or {}), **stages.get(config, {}), **stages.get(stage, {}), **ABLATIONS.get(stage, {})}
+            overrides = {
+                **(common or {}),
+                **stages.get(config, {}),
+                **stages.get(stage, {}),
+                **ABLATIONS.get(stage, {}),
+            }
             if vlm and stage != "tsm":
                 overrides["model.init_args.vlm"] = vlm
             if stage in INCOMPLETE:

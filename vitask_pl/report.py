@@ -65,7 +65,11 @@ def _table(record: dict, key: str, mode, protocol) -> dict | None:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def collect(run_dir: Path) -> tuple[dict, dict]:
@@ -80,7 +84,9 @@ def collect(run_dir: Path) -> tuple[dict, dict]:
         if tables:
             per_seed[label] = tables
     for kind, label in PROBES.items():
-        tables = {s.name: json.loads(p.read_text())[kind] for s in seeds if (p := s / "probe" / "probes.json").is_file()}
+        tables = {
+            s.name: json.loads(p.read_text())[kind] for s in seeds if (p := s / "probe" / "probes.json").is_file()
+        }
         if tables:
             per_seed[label] = tables
     rows = {label: _summarise(list(tables.values())) for label, tables in per_seed.items()}
@@ -88,8 +94,9 @@ def collect(run_dir: Path) -> tuple[dict, dict]:
     for label, stage, mode in GENERATE_ROWS:
         tables = [t for r in records.values() if stage in r and (t := _table(r[stage], "metrics", mode, "generate"))]
         if tables:
-            generate[label] = {ds: {m: _mean_std([t[ds][m] for t in tables]) for m in ("acc", "f1", "invalid")}
-                               for ds in tables[0]}  # fmt: skip
+            generate[label] = {
+                ds: {m: _mean_std([t[ds][m] for t in tables]) for m in ("acc", "f1", "invalid")} for ds in tables[0]
+            }
     return {"rows": rows, "generate": generate, "paired": _paired(per_seed)}, records
 
 
@@ -155,7 +162,9 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
         rows = [r for r in csv.DictReader(open(first[stage]["predictions"])) if r["mode"] == "wo_ep"]
         flags = [d for d in datasets if d != "chestmnist" and any(r["dataset"] == d for r in rows)]
         cols = 4
-        fig, axes = plt.subplots((len(flags) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3 * ((len(flags) + cols - 1) // cols)))
+        fig, axes = plt.subplots(
+            (len(flags) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3 * ((len(flags) + cols - 1) // cols))
+        )
         for ax, flag in zip(np.atleast_1d(axes).ravel(), flags):
             sub = [r for r in rows if r["dataset"] == flag]
             names = [k[2:-1] for k in sub[0] if k.startswith("p[") and sub[0][k] != ""]
@@ -175,8 +184,11 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
     # 3. the paper's Fig. 3 analogue: mean response-token probability, own image vs a different-label image
     import torch
 
-    panels = [(s, t) for s, t in (("vanilla", "Vanilla IT"), ("ep", "Stage 1 (before CRT)"), ("rda_crt", "Stage 2 (after CRT)"))
-              if s in first and "contrast" in first[s]]  # fmt: skip
+    panels = [
+        (s, t)
+        for s, t in (("vanilla", "Vanilla IT"), ("ep", "Stage 1 (before CRT)"), ("rda_crt", "Stage 2 (after CRT)"))
+        if s in first and "contrast" in first[s]
+    ]
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), sharey=True)
         for ax, (stage, title) in zip(np.atleast_1d(axes), panels):
@@ -193,7 +205,9 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
         written.append(_save(fig, run_dir / "crt_density.png"))
 
     # 4. training curves of each loss term
-    stages = [s for s in ("tsm", "vanilla", "ep", "rda_crt") if s in first and Path(first[s].get("train_log", "")).is_file()]
+    stages = [
+        s for s in ("tsm", "vanilla", "ep", "rda_crt") if s in first and Path(first[s].get("train_log", "")).is_file()
+    ]
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.3))
     for ax, stage in zip(np.atleast_1d(axes), stages):
         log = list(csv.DictReader(open(first[stage]["train_log"])))
@@ -221,7 +235,9 @@ def _reading(results: dict, records: dict) -> list[str]:
         if stage in first and "contrast" in first[stage]:
             data = torch.load(first[stage]["contrast"], weights_only=True)
             gap = float((data["pos"] - data["neg"]).mean())
-            out.append(f"- Mean response-token probability, own image minus a different-label image, after {name}: {gap:+.4f}.")
+            out.append(
+                f"- Mean response-token probability, own image minus a different-label image, after {name}: {gap:+.4f}."
+            )
     return out
 
 
@@ -234,20 +250,28 @@ def _validity(results: dict, seeds: int) -> list[str]:
     # Beside the baseline, the same vanilla IT trained on instructions without the label list: whether the
     # listed options are what holds it back (README, "The baseline against its ceiling").
     shown = [r for r in (*PROBES.values(), "TSM", "Vanilla IT", UNLISTED) if r in rows]
-    lines = ["", "## Is the testbed valid?", "",
-             f"A baseline far below the linear-probe ceiling of its own frozen image features is crippled: any "
-             f"difference then measures how fast it learns, not the method. Target: vanilla IT ≥ {VALID_RATIO} × the "
-             f"ceiling on average.", "",
-             "| dataset | " + " | ".join(shown) + " | vanilla / ceiling |",
-             "|---" * (2 + len(shown)) + "|"]  # fmt: skip
+    lines = [
+        "",
+        "## Is the testbed valid?",
+        "",
+        f"A baseline far below the linear-probe ceiling of its own frozen image features is crippled: any "
+        f"difference then measures how fast it learns, not the method. Target: vanilla IT ≥ {VALID_RATIO} × the "
+        f"ceiling on average.",
+        "",
+        "| dataset | " + " | ".join(shown) + " | vanilla / ceiling |",
+        "|---" * (2 + len(shown)) + "|",
+    ]
     for ds in (*(d for d in FLAGS if d in probe), "avg"):
         cells = [_fmt(rows[r].get(ds, {}).get("acc"), seeds) for r in shown]
         ratio = vanilla[ds]["acc"]["mean"] / max(probe[ds]["acc"]["mean"], 1e-9) if ds in vanilla else float("nan")
         lines.append(f"| {ds.replace('mnist', '')} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     ratio = vanilla["avg"]["acc"]["mean"] / max(probe["avg"]["acc"]["mean"], 1e-9)
     verdict = "meets" if ratio >= VALID_RATIO else "is BELOW"
-    lines += ["", f"On average vanilla IT reaches **{ratio:.2f} ×** the ceiling ({vanilla['avg']['acc']['mean']:.3f} vs "
-              f"{probe['avg']['acc']['mean']:.3f} ACC), which {verdict} the {VALID_RATIO} × target."]  # fmt: skip
+    lines += [
+        "",
+        f"On average vanilla IT reaches **{ratio:.2f} ×** the ceiling ({vanilla['avg']['acc']['mean']:.3f} vs "
+        f"{probe['avg']['acc']['mean']:.3f} ACC), which {verdict} the {VALID_RATIO} × target.",
+    ]
     if ratio < VALID_RATIO:
         lines.append("Read the VITask rows below as measurements of this testbed, not of the method.")
     return lines
@@ -273,9 +297,14 @@ def _models(records: dict) -> dict:
             conf = yaml.safe_load(cfg.read_text())
             init = conf.get("model", {}).get("init_args", {})
             data = conf.get("data", {}).get("init_args", {})
-            out[stage] = {"model": init.get("vlm") or init.get("backbone"), "root": data.get("root"),
-                          "datasets": data.get("datasets"), "size": data.get("size"), "max_samples": data.get("max_samples"),
-                          "epochs": conf.get("trainer", {}).get("max_epochs")}  # fmt: skip
+            out[stage] = {
+                "model": init.get("vlm") or init.get("backbone"),
+                "root": data.get("root"),
+                "datasets": data.get("datasets"),
+                "size": data.get("size"),
+                "max_samples": data.get("max_samples"),
+                "epochs": conf.get("trainer", {}).get("max_epochs"),
+            }
     return out
 
 
@@ -291,9 +320,15 @@ def report(run_dir: str) -> Path:
     models = _models(records)
     plots = _plots(root, results, records)
     n_seeds = len(records)
-    payload = {"run": str(root), "seeds": sorted(records), "synthetic": meta.get("synthetic"), "models": models,
-               "wall_time_s": {s: {k: r.get("wall_time_s") for k, r in recs.items()} for s, recs in records.items()},
-               **results, "paper_table1_avg": {k: {"acc": a, "f1": f} for k, (a, f) in PAPER.items()}}  # fmt: skip
+    payload = {
+        "run": str(root),
+        "seeds": sorted(records),
+        "synthetic": meta.get("synthetic"),
+        "models": models,
+        "wall_time_s": {s: {k: r.get("wall_time_s") for k, r in recs.items()} for s, recs in records.items()},
+        **results,
+        "paper_table1_avg": {k: {"acc": a, "f1": f} for k, (a, f) in PAPER.items()},
+    }
     write_text(root / "results.json", json.dumps(payload, indent=2) + "\n")
 
     synthetic = meta.get("synthetic", True)
@@ -312,36 +347,64 @@ def report(run_dir: str) -> Path:
         "",
         "| model | ACC | macro-F1 | AUC |",
         "|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for label, table in results["rows"].items():
         avg = table.get("avg", {})
-        lines.append(f"| {label} | {_fmt(avg.get('acc'), n_seeds)} | {_fmt(avg.get('f1'), n_seeds)} | {_fmt(avg.get('auc'), n_seeds)} |")
+        lines.append(
+            f"| {label} | {_fmt(avg.get('acc'), n_seeds)} | {_fmt(avg.get('f1'), n_seeds)} | {_fmt(avg.get('auc'), n_seeds)} |"
+        )
     lines += _validity(results, n_seeds)
     lines += ["", "### Per dataset, ACC", ""]
     datasets = [d for d in (*FLAGS, "avg") if any(d in t for t in results["rows"].values())]
-    lines += ["| model | " + " | ".join(d.replace("mnist", "") for d in datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    lines += [
+        "| model | " + " | ".join(d.replace("mnist", "") for d in datasets) + " |",
+        "|---" * (len(datasets) + 1) + "|",
+    ]
     for label, table in results["rows"].items():
         lines.append(f"| {label} | " + " | ".join(_fmt(table.get(d, {}).get("acc"), n_seeds) for d in datasets) + " |")
     if results["paired"]:
-        lines += ["", "## Paired differences against vanilla IT (same seed; average over the datasets)", "",
-                  "| model | baseline | Δ ACC | Δ macro-F1 | Δ ACC per seed |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Paired differences against vanilla IT (same seed; average over the datasets)",
+            "",
+            "| model | baseline | Δ ACC | Δ macro-F1 | Δ ACC per seed |",
+            "|---|---|---|---|---|",
+        ]
         for label, d in results["paired"].items():
             each = ", ".join(f"{v:+.3f}" for v in d["acc"]["values"])
-            lines.append(f"| {label} | {d['baseline']} | {d['acc']['mean']:+.3f} ± {d['acc']['std']:.3f} | "
-                         f"{d['f1']['mean']:+.3f} ± {d['f1']['std']:.3f} | {each} |")
+            lines.append(
+                f"| {label} | {d['baseline']} | {d['acc']['mean']:+.3f} ± {d['acc']['std']:.3f} | "
+                f"{d['f1']['mean']:+.3f} ± {d['f1']['std']:.3f} | {each} |"
+            )
     if results["generate"]:
-        lines += ["", "## Generation protocol (greedy decoding, exact match), average", "",
-                  "| model | ACC | macro-F1 | invalid answers |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Generation protocol (greedy decoding, exact match), average",
+            "",
+            "| model | ACC | macro-F1 | invalid answers |",
+            "|---|---|---|---|",
+        ]
         for label, table in results["generate"].items():
             avg = table["avg"]
-            lines.append(f"| {label} | {_fmt(avg['acc'], n_seeds)} | {_fmt(avg['f1'], n_seeds)} | {_fmt(avg['invalid'], n_seeds)} |")
+            lines.append(
+                f"| {label} | {_fmt(avg['acc'], n_seeds)} | {_fmt(avg['f1'], n_seeds)} | {_fmt(avg['invalid'], n_seeds)} |"
+            )
     lines += ["", "## Reading", ""] + _reading(results, records)
-    lines += ["", "## For comparison: the paper's Table 1 (real MedMNIST test sets, real models, 12-dataset average)", "",
-              "These are **the paper's numbers**, not ours: what a full run on real data with InternVL2-2B should approach.", "",
-              "| paper row | ACC | macro-F1 |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## For comparison: the paper's Table 1 (real MedMNIST test sets, real models, 12-dataset average)",
+        "",
+        "These are **the paper's numbers**, not ours: what a full run on real data with InternVL2-2B should approach.",
+        "",
+        "| paper row | ACC | macro-F1 |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {a:.3f} | {f:.3f} |" for k, (a, f) in PAPER.items()]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "ChestMNIST `acc` is MedMNIST's per-label accuracy; the confusion matrices leave it out (multi-label)."]
+    lines += [
+        "",
+        "ChestMNIST `acc` is MedMNIST's per-label accuracy; the confusion matrices leave it out (multi-label).",
+    ]
     write_text(root / "report.md", "\n".join(line for line in lines if line is not None) + "\n")
     print(f"report: {root / 'report.md'} (results.json and {len(plots)} plots beside it)")
     return root / "report.md"

@@ -42,10 +42,15 @@ def capture_rng() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -105,8 +110,10 @@ class ExactResume(L.Callback):
         epoch = running_epoch(trainer)
         states = [dl.resume_state for dl in loaders if isinstance(dl, ResumableLoader) and dl.resume_state]
         skip = [batches for saved, batches in states if saved == epoch]
-        rank_zero_info(f"resuming {trainer.ckpt_path} at epoch {epoch}, batch {skip[0] if skip else 0} of "
-                       f"{trainer.num_training_batches} (step {trainer.global_step})")  # fmt: skip
+        rank_zero_info(
+            f"resuming {trainer.ckpt_path} at epoch {epoch}, batch {skip[0] if skip else 0} of "
+            f"{trainer.num_training_batches} (step {trainer.global_step})"
+        )
         for dl in loaders:
             _set_sampler_epoch(dl, epoch)
             if isinstance(dl, ResumableLoader):
@@ -136,11 +143,18 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 500):
         # No `last-v1.ckpt` when a resumed run's interval differs: the file the pipeline and `last` read stays one.
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
-                         enable_version_counter=False)  # fmt: skip
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
         self._deferred: str | None = None  # "validation" or "epoch": the hook a due save waits for
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         n, loop = self._every_n_train_steps, trainer.fit_loop
         if n >= 1 and trainer.global_step % n == 0:
             if loop.epoch_loop.batch_progress.is_last_batch:  # after validation and every epoch-end hook

@@ -76,7 +76,9 @@ def test_tokens_equal_the_processors_own_chat_template(family_processor, data, w
 
     # The prompt, as the processor tokenizes the generation prompt with the image, ends where labels start.
     image = Image.fromarray(rgb(sample["image"]))
-    prompt_text = processor.apply_chat_template(messages(sample["instruction"]), tokenize=False, add_generation_prompt=True)
+    prompt_text = processor.apply_chat_template(
+        messages(sample["instruction"]), tokenize=False, add_generation_prompt=True
+    )
     prompt_len = processor(text=prompt_text, images=[image], return_tensors="pt")["input_ids"].shape[1]
     assert int(batch["prompt_len"][0]) == prompt_len
 

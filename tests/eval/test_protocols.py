@@ -135,39 +135,45 @@ def onehot(n: int, *on: int) -> list[float]:
     return [1.0 if i in on else 0.0 for i in range(n)]
 
 
-@pytest.mark.parametrize(("flag", "text", "expected"), [
-    ("breastmnist", "normal, benign", onehot(2, 1)),
-    ("breastmnist", "  Normal,   Benign. ", onehot(2, 1)),
-    ("breastmnist", "malignant", onehot(2, 0)),
-    ("tissuemnist", "Collecting Duct, Connecting Tubule", onehot(8, 0)),
-    ("tissuemnist", "collecting duct, connecting tubule.\n", onehot(8, 0)),
-    ("dermamnist", "MELANOMA", onehot(7, 4)),
-    ("dermamnist", '"melanoma"', onehot(7, 4)),
-    ("chestmnist", "cardiomegaly, effusion", onehot(14, 1, 2)),
-    ("chestmnist", "Effusion , Cardiomegaly.", onehot(14, 1, 2)),
-    ("chestmnist", "hernia", onehot(14, 13)),
-    ("chestmnist", "no finding", onehot(14)),
-    ("chestmnist", "No finding.", onehot(14)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "text", "expected"),
+    [
+        ("breastmnist", "normal, benign", onehot(2, 1)),
+        ("breastmnist", "  Normal,   Benign. ", onehot(2, 1)),
+        ("breastmnist", "malignant", onehot(2, 0)),
+        ("tissuemnist", "Collecting Duct, Connecting Tubule", onehot(8, 0)),
+        ("tissuemnist", "collecting duct, connecting tubule.\n", onehot(8, 0)),
+        ("dermamnist", "MELANOMA", onehot(7, 4)),
+        ("dermamnist", '"melanoma"', onehot(7, 4)),
+        ("chestmnist", "cardiomegaly, effusion", onehot(14, 1, 2)),
+        ("chestmnist", "Effusion , Cardiomegaly.", onehot(14, 1, 2)),
+        ("chestmnist", "hernia", onehot(14, 13)),
+        ("chestmnist", "no finding", onehot(14)),
+        ("chestmnist", "No finding.", onehot(14)),
+    ],
+)
 def test_parse_answer_matches_labels(flag, text, expected):
     pred = parse_answer(text, SPECS[flag])
     assert pred is not None and pred.tolist() == expected
 
 
-@pytest.mark.parametrize(("flag", "text"), [
-    ("breastmnist", "normal"),  # half of a label that contains a comma
-    ("breastmnist", "benign"),
-    ("breastmnist", "normal, benign, malignant"),
-    ("tissuemnist", "Collecting Duct"),
-    ("dermamnist", "melanoma, melanocytic nevi"),  # one class only for single-label
-    ("dermamnist", "the answer is melanoma"),
-    ("dermamnist", ""),
-    ("chestmnist", "cardiomegaly, pizza"),  # every part must be a finding
-    ("chestmnist", "cardiomegaly and effusion"),
-    ("chestmnist", "no finding, effusion"),
-    ("chestmnist", ""),
-    ("chestmnist", ","),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        ("breastmnist", "normal"),  # half of a label that contains a comma
+        ("breastmnist", "benign"),
+        ("breastmnist", "normal, benign, malignant"),
+        ("tissuemnist", "Collecting Duct"),
+        ("dermamnist", "melanoma, melanocytic nevi"),  # one class only for single-label
+        ("dermamnist", "the answer is melanoma"),
+        ("dermamnist", ""),
+        ("chestmnist", "cardiomegaly, pizza"),  # every part must be a finding
+        ("chestmnist", "cardiomegaly and effusion"),
+        ("chestmnist", "no finding, effusion"),
+        ("chestmnist", ""),
+        ("chestmnist", ","),
+    ],
+)
 def test_parse_answer_rejects_anything_else(flag, text):
     assert parse_answer(text, SPECS[flag]) is None
 
@@ -183,8 +189,9 @@ def test_label_names_survive_normalisation():
 
 def test_generation_to_probs_places_answers_in_their_block():
     specs = dataset_specs(["dermamnist", "chestmnist"])
-    probs, invalid = generation_to_probs(["melanoma", "effusion, hernia", "no idea", "no finding"],
-                                         torch.tensor([0, 1, 1, 1]), specs)  # fmt: skip
+    probs, invalid = generation_to_probs(
+        ["melanoma", "effusion, hernia", "no idea", "no finding"], torch.tensor([0, 1, 1, 1]), specs
+    )
     assert invalid.tolist() == [False, False, True, False]
     expected = torch.zeros(4, 7 + 14)
     expected[0, 4] = 1

@@ -10,8 +10,13 @@ def toy_batch():
     mask = (torch.arange(7)[None] < torch.tensor([[7], [6]])).long()
     labels = torch.full_like(ids, IGNORE)
     labels[0, 5:7], labels[1, 4:6] = ids[0, 5:7], ids[1, 4:6]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_len": torch.tensor([5, 4]),
-            "mm_token_type_ids": (ids == 9).long()}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "prompt_len": torch.tensor([5, 4]),
+        "mm_token_type_ids": (ids == 9).long(),
+    }
 
 
 def test_insert_slots_puts_k_slots_right_after_the_image_tokens():

@@ -18,13 +18,20 @@ def _weights(path):
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_same_seed_builds_the_same_generalist(family, tmp_path):
     """A few pretraining steps through the whole recipe: same seed, same weights; another seed, other weights."""
-    a, b, c = (tiny.build_tiny_vlm(family, str(tmp_path / n), seed=s, generalist_steps=3, held_out=4) for n, s in
-               (("a", 0), ("b", 0), ("c", 1)))  # fmt: skip
+    a, b, c = (
+        tiny.build_tiny_vlm(family, str(tmp_path / n), seed=s, generalist_steps=3, held_out=4)
+        for n, s in (("a", 0), ("b", 0), ("c", 1))
+    )
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
     assert any(not (wa[k] == wc[k]).all() for k in wa)
     card = json.loads((tmp_path / "a" / "generalist.json").read_text())
-    assert card["steps"] == 3 and card["held_out"]["choice"]["n"] == 4 and card["recipe"] == tiny.GENERALIST_VERSION and card["dims"]["hidden"] == 128
+    assert (
+        card["steps"] == 3
+        and card["held_out"]["choice"]["n"] == 4
+        and card["recipe"] == tiny.GENERALIST_VERSION
+        and card["dims"]["hidden"] == 128
+    )
     # Every weight trained, the vision tower included: none is still at its initialisation (seed 0, zero steps).
     init = _weights(tiny.build_tiny_vlm(family, str(tmp_path / "init"), seed=0, generalist_steps=1, held_out=4))
     vision = [k for k in wa if "vision" in k or "visual" in k]
@@ -54,7 +61,20 @@ def test_tiny_vlm_command_builds_a_generalist(tmp_path, capsys):
     from vitask_pl.cli import main
 
     out = tmp_path / "g"
-    main(["tiny-vlm", "--family", "internvl", "--generalist", "--generalist-steps", "2", "--held-out", "2", "--out", str(out)])
+    main(
+        [
+            "tiny-vlm",
+            "--family",
+            "internvl",
+            "--generalist",
+            "--generalist-steps",
+            "2",
+            "--held-out",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert "generalist: 2 image-text pretraining steps" in capsys.readouterr().out
     assert json.loads((out / "generalist.json").read_text())["steps"] == 2
 

@@ -60,7 +60,9 @@ def test_loads_as_real_classes(loaded):
 def test_chat_image_tokens_match_features_and_train(loaded):
     family, model, processor = loaded
     text = dermamnist_chat(processor)
-    assert "Analyze the given dermatoscope image." in text and text.rstrip("\n").endswith("melanoma" + END_OF_TURN[family])
+    assert "Analyze the given dermatoscope image." in text and text.rstrip("\n").endswith(
+        "melanoma" + END_OF_TURN[family]
+    )
     prompt = dermamnist_chat(processor, answer=None)
     assert text.startswith(prompt)  # the generation prompt is a prefix of the trained conversation
 
@@ -69,7 +71,9 @@ def test_chat_image_tokens_match_features_and_train(loaded):
     image_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "pixel_attention_mask")}
     features = model.model.get_image_features(**image_kwargs).pooler_output
     # transformers 5: a list/tuple of (tokens, hidden) per image, except InternVL's (images, tokens, hidden) tensor.
-    n_features = sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[:-1].numel()
+    n_features = (
+        sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[:-1].numel()
+    )
     assert 1 <= n_tokens <= 16 and n_tokens == n_features
 
     model.train()

@@ -21,10 +21,19 @@ from ..conftest import sharpen
 
 FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist"]
 # Written out here, not read from vitask_pl: where transformers 5 puts each family's parts under model.model.
-LANGUAGE = {"internvl": "language_model", "llava": "language_model", "qwen2_vl": "language_model", "idefics3": "text_model"}
+LANGUAGE = {
+    "internvl": "language_model",
+    "llava": "language_model",
+    "qwen2_vl": "language_model",
+    "idefics3": "text_model",
+}
 VISION = {"internvl": "vision_tower", "llava": "vision_tower", "qwen2_vl": "visual", "idefics3": "vision_model"}
-PROJECTOR = {"internvl": "multi_modal_projector", "llava": "multi_modal_projector", "qwen2_vl": "visual.merger",
-             "idefics3": "connector"}  # fmt: skip
+PROJECTOR = {
+    "internvl": "multi_modal_projector",
+    "llava": "multi_modal_projector",
+    "qwen2_vl": "visual.merger",
+    "idefics3": "connector",
+}
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
 
@@ -120,7 +129,9 @@ def test_unsupported_model_type_lists_the_four_families(tiny_dirs, tmp_path):
     from transformers import LlamaConfig
 
     target = copy_without(tiny_dirs["llava"], tmp_path / "llama", ("config.json", "model.safetensors"))
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(target)
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        target
+    )
     with pytest.raises(ConfigError) as err:
         load_vlm(target)
     message = str(err.value)
@@ -130,8 +141,11 @@ def test_unsupported_model_type_lists_the_four_families(tiny_dirs, tmp_path):
 
 
 def test_directory_without_processor_files_is_a_missing_file_error(tiny_dirs, tmp_path):
-    target = copy_without(tiny_dirs["internvl"], tmp_path / "bare",
-                          ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))  # fmt: skip
+    target = copy_without(
+        tiny_dirs["internvl"],
+        tmp_path / "bare",
+        ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"),
+    )
     with pytest.raises(MissingFileError) as err:
         load_vlm(target)
     message = str(err.value)

@@ -47,15 +47,25 @@ def main() -> None:
     preset = yaml.safe_load((ROOT / "configs/strategy/ddp.yaml").read_text())["trainer"]["strategy"]
     assert preset["class_path"].endswith("DDPStrategy"), preset
     L.seed_everything(0)
-    module = RDACRTTuning(init_from=args.init, tsm_ckpt=args.tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=args.cache)
+    module = RDACRTTuning(
+        init_from=args.init, tsm_ckpt=args.tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=args.cache
+    )
     # 16 samples per dataset: 32 per epoch, 16 per rank, 4 steps of 4; validation (one batch) closes the epoch.
     dm = MedMNISTDataModule(args.root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=16)
     record = Record()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(**preset.get("init_args", {})), max_epochs=1,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(**preset.get("init_args", {})),
+        max_epochs=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
     trainer.fit(module, dm)
     torch.save(
         {

@@ -24,8 +24,16 @@ def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir)
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=out, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        default_root_dir=out,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, dm)
     trainer.save_checkpoint(out / "stage1.ckpt")
     return str(out / "stage1.ckpt")
@@ -35,10 +43,32 @@ def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
 def test_stage2_ddp_ranks_agree(stage1_ckpt, tsm_ckpt, synth_root, tmp_path):
     cache, out = tmp_path / "features", tmp_path / "out"  # a fresh feature cache: rank 0 builds it, rank 1 waits
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-               "--root", str(synth_root), "--tsm", tsm_ckpt, "--init", stage1_ckpt, "--cache", str(cache), "--out", str(out)]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--root",
+        str(synth_root),
+        "--tsm",
+        tsm_ckpt,
+        "--init",
+        stage1_ckpt,
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

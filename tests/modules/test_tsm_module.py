@@ -11,8 +11,12 @@ from ..conftest import SMALL_FLAGS
 
 
 def tiny_tsm(flags):
-    return TSMModule("vit_tiny_patch16_224", backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2},
-                     datasets=flags, image_size=28)  # fmt: skip
+    return TSMModule(
+        "vit_tiny_patch16_224",
+        backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        datasets=flags,
+        image_size=28,
+    )
 
 
 def test_joint_probabilities_stay_inside_each_dataset_block():
@@ -26,8 +30,14 @@ def test_fit_and_test_write_metrics_and_a_loadable_checkpoint(synth_root, tmp_pa
     dm = MedMNISTDataModule(synth_root, SMALL_FLAGS, 28, batch_size=16, num_workers=0)
     model = tiny_tsm(dm.flags)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, dm)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("tsm.backbone") for k in changed) and "head.weight" in changed

@@ -23,10 +23,28 @@ FLAGS = ["dermamnist", "chestmnist"]
 
 
 def common_args(model_dir, root_dir, synth_root) -> list[str]:
-    return ["--config", str(ROOT / "configs/vanilla.yaml"), "--config", str(ROOT / "configs/offline/vanilla.yaml"),
-            "--model.init_args.vlm", str(model_dir), "--trainer.default_root_dir", str(root_dir),
-            "--trainer.max_epochs", "1", "--data.root", str(synth_root), "--data.datasets", f"[{','.join(FLAGS)}]",
-            "--data.max_samples", "8", "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    return [
+        "--config",
+        str(ROOT / "configs/vanilla.yaml"),
+        "--config",
+        str(ROOT / "configs/offline/vanilla.yaml"),
+        "--model.init_args.vlm",
+        str(model_dir),
+        "--trainer.default_root_dir",
+        str(root_dir),
+        "--trainer.max_epochs",
+        "1",
+        "--data.root",
+        str(synth_root),
+        "--data.datasets",
+        f"[{','.join(FLAGS)}]",
+        "--data.max_samples",
+        "8",
+        "--data.num_workers",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def cli(argv: list[str]) -> int:
@@ -95,8 +113,13 @@ def test_checkpoint_holds_adapters_only_and_reloads(fitted, synth_root, tmp_path
     assert trainable <= set(state)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=16, num_workers=0, max_samples=4)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.test(fresh, datamodule=dm, ckpt_path=str(ckpt), verbose=False)
     after = fresh.state_dict()
     for key, value in after.items():
@@ -111,16 +134,28 @@ def test_checkpoint_holds_adapters_only_and_reloads(fitted, synth_root, tmp_path
 @pytest.mark.slow
 def test_module_trains_lora_and_leaves_the_base_bit_identical(fitted, synth_root, tmp_path):
     family, model_dir, _, _ = fitted
-    module = VanillaInstructionTuning(vlm=str(model_dir), datasets=FLAGS, lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-                                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))  # fmt: skip
+    module = VanillaInstructionTuning(
+        vlm=str(model_dir),
+        datasets=FLAGS,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainable = lora_names(module)
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, dm)
     assert trainer.global_step == 3
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

@@ -16,8 +16,9 @@ FLAGS = ["dermamnist", "chestmnist"]
 
 
 def stage1(tsm_ckpt, cache_dir, family="internvl", **kw):
-    return ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm=f"tiny:{family}", datasets=FLAGS, cache_dir=cache_dir,
-                                feature_cache=False, **kw)  # fmt: skip
+    return ExemplarPromptTuning(
+        tsm_ckpt=tsm_ckpt, vlm=f"tiny:{family}", datasets=FLAGS, cache_dir=cache_dir, feature_cache=False, **kw
+    )
 
 
 def batch_of(module, synth_root, negatives=False):
@@ -64,8 +65,15 @@ def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir)
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", default_root_dir=out, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        default_root_dir=out,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     trainer.save_checkpoint(out / "stage1.ckpt")
     return str(out / "stage1.ckpt"), module
@@ -81,8 +89,14 @@ def test_stage_checkpoint_holds_adapters_only(stage1_ckpt):
 
 def test_stage2_starts_from_stage1_and_freezes_the_connector(stage1_ckpt, tsm_ckpt, feature_cache_dir, synth_root):
     path, stage1_module = stage1_ckpt
-    module = RDACRTTuning(init_from=path, tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS,
-                          cache_dir=feature_cache_dir, feature_cache=False)  # fmt: skip
+    module = RDACRTTuning(
+        init_from=path,
+        tsm_ckpt=tsm_ckpt,
+        vlm="tiny:internvl",
+        datasets=FLAGS,
+        cache_dir=feature_cache_dir,
+        feature_cache=False,
+    )
     ours, theirs = module.state_dict(), stage1_module.state_dict()
     adapters = [k for k in ours if "lora_" in k or ".connector." in k]
     assert adapters and all(torch.equal(ours[k], theirs[k]) for k in adapters)
@@ -101,7 +115,10 @@ def test_missing_checkpoints_name_the_stage_and_the_command(tsm_ckpt, tmp_path):
         ExemplarPromptTuning(vlm="tiny:internvl", datasets=FLAGS)
     with pytest.raises(MissingFileError, match=r"init_from is required for stage 2.*configs/ep.yaml"):
         RDACRTTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS)
-    with pytest.raises(MissingFileError, match=r"tsm_ckpt: .*nope.ckpt not found; produce it with `vitask fit --config configs/tsm.yaml`"):
+    with pytest.raises(
+        MissingFileError,
+        match=r"tsm_ckpt: .*nope.ckpt not found; produce it with `vitask fit --config configs/tsm.yaml`",
+    ):
         ExemplarPromptTuning(tsm_ckpt=str(tmp_path / "nope.ckpt"), vlm="tiny:internvl", datasets=FLAGS)
 
 
@@ -109,12 +126,16 @@ def test_tsm_mismatches_are_clear(tsm_ckpt, stage1_ckpt, synth_root, tmp_path):
     with pytest.raises(ConfigError, match=r"was trained on \[.*\], not on \['bloodmnist'\]"):
         ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=["dermamnist", "bloodmnist"])
     wider = make_tsm_ckpt(synth_root, SMALL_FLAGS, tmp_path / "wide.ckpt", embed_dim=48)
-    with pytest.raises(ConfigError, match=r"init_from: .* differs in tsm_width: it holds .*tsm_width 32.*this run builds .*tsm_width 48"):
+    with pytest.raises(
+        ConfigError,
+        match=r"init_from: .* differs in tsm_width: it holds .*tsm_width 32.*this run builds .*tsm_width 48",
+    ):
         RDACRTTuning(init_from=stage1_ckpt[0], tsm_ckpt=wider, vlm="tiny:internvl", datasets=FLAGS)
 
 
 def test_plug_in_tsm_of_the_same_width_loads(stage1_ckpt, synth_root, tmp_path, feature_cache_dir):
     other = make_tsm_ckpt(synth_root, SMALL_FLAGS, tmp_path / "other.ckpt", seed=1)
-    module = RDACRTTuning(init_from=stage1_ckpt[0], tsm_ckpt=other, vlm="tiny:internvl", datasets=FLAGS,
-                          cache_dir=feature_cache_dir)  # fmt: skip
+    module = RDACRTTuning(
+        init_from=stage1_ckpt[0], tsm_ckpt=other, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir
+    )
     assert module.core.source.tsm_ckpt == other

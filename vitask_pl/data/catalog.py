@@ -14,9 +14,19 @@ from vitask_pl.errors import ConfigError, suggest
 
 # The 2D datasets in medmnist's own order; the joint head follows this order.
 FLAGS: tuple[str, ...] = (
-    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
-    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
-)  # fmt: skip
+    "pathmnist",
+    "chestmnist",
+    "dermamnist",
+    "octmnist",
+    "pneumoniamnist",
+    "retinamnist",
+    "breastmnist",
+    "bloodmnist",
+    "tissuemnist",
+    "organamnist",
+    "organcmnist",
+    "organsmnist",
+)
 
 # Modality phrase of the instruction "Analyze the given {modality} image." (MedMNIST v2 paper, Table 1).
 MODALITY: dict[str, str] = {
@@ -37,7 +47,12 @@ MODALITY: dict[str, str] = {
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL = "multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression"
+MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL = (
+    "multi-class",
+    "binary-class",
+    "multi-label, binary-class",
+    "ordinal-regression",
+)
 
 
 @dataclass(frozen=True)

@@ -77,14 +77,18 @@ class ChatTemplate:
         p_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         f_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
         if f_ids[: len(p_ids)] != p_ids:
-            raise ConfigError("--model.init_args.vlm: the response tokenization merges into the prompt's last token; "
-                              "the chat template must end the generation prompt on a token boundary.")  # fmt: skip
+            raise ConfigError(
+                "--model.init_args.vlm: the response tokenization merges into the prompt's last token; "
+                "the chat template must end the generation prompt on a token boundary."
+            )
         tail = f_ids[len(p_ids) :]
         # The response is plain text; the first special token after it ends the turn (<|im_end|>, </s>, ...).
         end = next((i for i, t in enumerate(tail) if t in self.special_ids), None)
         if end is None:
-            raise ConfigError("--model.init_args.vlm: the chat template adds no end-of-turn token after the "
-                              "assistant's response, so the model could never learn to stop.")  # fmt: skip
+            raise ConfigError(
+                "--model.init_args.vlm: the chat template adds no end-of-turn token after the "
+                "assistant's response, so the model could never learn to stop."
+            )
         return tail[: end + 1], len(tail)
 
 
@@ -100,8 +104,15 @@ class ChatBatch:
 
     TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
-    def __init__(self, processor, specs: Sequence[DatasetSpec], *, max_length: int = 2048, processor_kwargs=None,
-                 with_images: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        processor,
+        specs: Sequence[DatasetSpec],
+        *,
+        max_length: int = 2048,
+        processor_kwargs=None,
+        with_images: bool = False,
+    ):
         self.with_images = with_images  # raw uint8 images too, for a TSM run in the step (no feature cache)
         self.template = ChatTemplate(processor)
         self.processor, self.specs = processor, list(specs)
@@ -119,20 +130,27 @@ class ChatBatch:
     def stop_ids(self) -> list[int]:
         """Tokens that end an answer: the template's end-of-turn token and EOS."""
         end_of_turn = self.template.continuation("x", "y")[0][-1]
-        return sorted({end_of_turn, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])})
+        return sorted(
+            {end_of_turn, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
+        )
 
     def candidates(self, d: int, instruction: str) -> list[list[int]]:
         """Continuation ids of every candidate response of dataset ``d`` (computed once per dataset)."""
         if d not in self._candidates:
-            self._candidates[d] = [self.template.continuation(instruction, r)[0] for r in candidate_responses(self.specs[d])]
+            self._candidates[d] = [
+                self.template.continuation(instruction, r)[0] for r in candidate_responses(self.specs[d])
+            ]
         return self._candidates[d]
 
     def encode_images(self, texts: list[str], images: list[np.ndarray]) -> dict:
         return self.processor(
-            text=texts, images=[[rgb(im)] for im in images], return_tensors="pt", padding=True,
+            text=texts,
+            images=[[rgb(im)] for im in images],
+            return_tensors="pt",
+            padding=True,
             padding_side="right",  # prompts start at 0, so the response offset is the prompt length
             **self.processor_kwargs,
-        )  # fmt: skip
+        )
 
     def __call__(self, samples: list[dict]) -> dict:
         instructions = [s["instruction"] for s in samples]
@@ -179,8 +197,10 @@ class ChatBatch:
         labels = torch.full_like(enc["input_ids"], IGNORE)
         for row, (start, ids) in enumerate(zip(prompt_len.tolist(), label_ids)):
             if enc["input_ids"][row, start : start + len(ids)].tolist() != ids:
-                raise ConfigError("--model.init_args.vlm: the processor's tokenization of the conversation does not "
-                                  "match the chat template's (template parity); check the processor's template.")  # fmt: skip
+                raise ConfigError(
+                    "--model.init_args.vlm: the processor's tokenization of the conversation does not "
+                    "match the chat template's (template parity); check the processor's template."
+                )
             labels[row, start : start + len(ids)] = torch.tensor(ids)
         return texts, enc, labels, prompt_len
 

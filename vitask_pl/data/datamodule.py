@@ -66,7 +66,11 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.specs: list[DatasetSpec] = dataset_specs(self.flags)
         self.size = check_size(size)
         self.root, self.download = Path(root), download
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_samples", max_samples)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_samples", max_samples),
+        ):
             if value is not None and value < 1:
                 raise ConfigError(f"--data.{name}: {value} must be a positive integer.")
         unknown = set(sampling_weights or {}) - set(self.flags)
@@ -118,12 +122,13 @@ class MedMNISTDataModule(L.LightningDataModule):
         if negatives:
             samplers = [NegativeSampler(p.labels, self.seed, f"{s.flag}/{split}") for s, p in zip(self.specs, parts)]
         return JointDataset(
-            self.specs, parts,
+            self.specs,
+            parts,
             incomplete_instruction=self.incomplete_instruction,
             negatives=samplers,
             augment_shift=self.augment_shift if split == "train" else 0,
             seed=self.seed,
-        )  # fmt: skip
+        )
 
     # -- loaders -----------------------------------------------------------------------------------------
 
@@ -141,9 +146,13 @@ class MedMNISTDataModule(L.LightningDataModule):
         if train:
             weights = None if self.sampling_weights is None else [self.sampling_weights.get(f, 1.0) for f in self.flags]
             sampler = JointSampler(
-                sizes, shuffle=True, weights=weights, num_samples=self.epoch_samples if weights else None,
-                seed=self.seed, epoch_fn=lambda: running_epoch(self.trainer) if self.trainer is not None else 0,
-            )  # fmt: skip
+                sizes,
+                shuffle=True,
+                weights=weights,
+                num_samples=self.epoch_samples if weights else None,
+                seed=self.seed,
+                epoch_fn=lambda: running_epoch(self.trainer) if self.trainer is not None else 0,
+            )
         else:
             ds.augment_shift = 0
             sampler = JointSampler(sizes, shuffle=False)

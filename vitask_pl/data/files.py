@@ -54,8 +54,10 @@ def split_problems(spec: DatasetSpec, size: int, split: str, images, labels) -> 
         problems.append(f"{split}_images has dtype {images.dtype}, expected uint8")
     if images.shape[1:] != want_shape:
         channels = "gray (N, H, W)" if spec.n_channels == 1 else "RGB (N, H, W, 3)"
-        problems.append(f"{split}_images has shape {images.shape}, expected (N, {', '.join(map(str, want_shape))}) "
-                        f"— {spec.flag} is {channels} at {size} px")  # fmt: skip
+        problems.append(
+            f"{split}_images has shape {images.shape}, expected (N, {', '.join(map(str, want_shape))}) "
+            f"— {spec.flag} is {channels} at {size} px"
+        )
     if len(images) == 0:
         problems.append(f"{split} split is empty")
     if labels.ndim != 2 or labels.shape != (len(images), spec.label_width):
@@ -84,18 +86,24 @@ def load_split(root: str | Path, spec: DatasetSpec, size: int, split: str) -> Sp
         with np.load(path) as npz:
             present, arrays = npz.files, {k: npz[k] for k in keys if k in npz.files}
     except UNREADABLE as err:
-        raise ConfigError(f"--data.root: {path} is not a readable .npz ({type(err).__name__}: {err}); it may be "
-                          f"truncated. Replace it: download it again, or `vitask data synth --root {path.parent} "
-                          f"--datasets '[{spec.flag}]' --size {size} --force`.") from err  # fmt: skip
+        raise ConfigError(
+            f"--data.root: {path} is not a readable .npz ({type(err).__name__}: {err}); it may be "
+            f"truncated. Replace it: download it again, or `vitask data synth --root {path.parent} "
+            f"--datasets '[{spec.flag}]' --size {size} --force`."
+        ) from err
     missing = [k for k in keys if k not in arrays]
     if missing:
-        raise ConfigError(f"--data.root: {path}: no key {missing[0]!r} (keys present: {', '.join(present)}); "
-                          f"a MedMNIST file has {', '.join(f'{s}_images/{s}_labels' for s in SPLITS)}.")  # fmt: skip
+        raise ConfigError(
+            f"--data.root: {path}: no key {missing[0]!r} (keys present: {', '.join(present)}); "
+            f"a MedMNIST file has {', '.join(f'{s}_images/{s}_labels' for s in SPLITS)}."
+        )
     images, labels = arrays[keys[0]], arrays[keys[1]]
     problems = split_problems(spec, size, split, images, labels)
     if problems:
-        raise ConfigError(f"--data.root: {path}: {problems[0]}. Check the file with `vitask data check "
-                          f"--root {path.parent} --datasets '[{spec.flag}]' --size {size}`.")  # fmt: skip
+        raise ConfigError(
+            f"--data.root: {path}: {problems[0]}. Check the file with `vitask data check "
+            f"--root {path.parent} --datasets '[{spec.flag}]' --size {size}`."
+        )
     if images.ndim == 3:
         images = images[..., None]
     return Split(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))

@@ -63,7 +63,8 @@ def pseudo_word(rng: np.random.Generator) -> str:
     words = []
     for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
         syllables = [
-            str(rng.choice(list(_CONSONANTS))) * int(rng.random() < 0.8) + str(rng.choice(list(_VOWELS)))
+            str(rng.choice(list(_CONSONANTS))) * int(rng.random() < 0.8)
+            + str(rng.choice(list(_VOWELS)))
             + str(rng.choice(list(_CONSONANTS))) * int(rng.random() < 0.4)
             for _ in range(int(rng.integers(1, 5)))
         ]

@@ -132,12 +132,16 @@ def synthesize(
     paths = [npz_path(root, flag, size) for flag in flags]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
-        raise ConfigError(f"--root: {existing[0]} already exists ({len(existing)} of {len(paths)} files); "
-                          f"pass --force to overwrite, or choose another --root.")  # fmt: skip
+        raise ConfigError(
+            f"--root: {existing[0]} already exists ({len(existing)} of {len(paths)} files); "
+            f"pass --force to overwrite, or choose another --root."
+        )
     root.mkdir(parents=True, exist_ok=True)
     for spec, path in zip(dataset_specs(flags), paths):
         with atomic_path(path) as tmp:  # an interrupted run never leaves a half-written file under the real name
             np.savez_compressed(tmp, **synth_dataset(spec, size, per_class, seed))
-    print(f"wrote {len(paths)} SYNTHETIC MedMNIST-format files ({size} px, seed {seed}) under {root}: "
-          f"generated patterns, not medical images — for offline trials and tests only")  # fmt: skip
+    print(
+        f"wrote {len(paths)} SYNTHETIC MedMNIST-format files ({size} px, seed {seed}) under {root}: "
+        f"generated patterns, not medical images — for offline trials and tests only"
+    )
     return paths

@@ -20,7 +20,12 @@ METRIC_NAMES = ("acc", "f1", "auc")
 
 
 def dataset_metrics(
-    spec: DatasetSpec, probs: torch.Tensor, target: torch.Tensor, invalid: torch.Tensor | None = None, *, auc: bool = True
+    spec: DatasetSpec,
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    invalid: torch.Tensor | None = None,
+    *,
+    auc: bool = True,
 ) -> dict[str, float]:
     """Metrics of one dataset.
 
@@ -107,7 +112,9 @@ class PerDatasetMetrics(Metric):
             if not rows.any():
                 continue
             cols = slice(spec.offset, spec.offset + spec.num_classes)
-            results[spec.flag] = dataset_metrics(spec, probs[rows, cols], targets[rows, cols], invalid[rows], auc=self.auc)
+            results[spec.flag] = dataset_metrics(
+                spec, probs[rows, cols], targets[rows, cols], invalid[rows], auc=self.auc
+            )
             if any_invalid:
                 results[spec.flag]["invalid"] = float(invalid[rows].mean())
         if results:

@@ -47,8 +47,14 @@ class FeatureCache:
         batch_size: images per TSM forward while building.
     """
 
-    def __init__(self, tsm: TaskSpecificModel, tsm_ckpt: str, cache_dir: str | None = None, kind: str = "pooled",
-                 batch_size: int = 256):  # fmt: skip
+    def __init__(
+        self,
+        tsm: TaskSpecificModel,
+        tsm_ckpt: str,
+        cache_dir: str | None = None,
+        kind: str = "pooled",
+        batch_size: int = 256,
+    ):
         self.tsm, self.kind, self.batch_size = tsm, kind, batch_size
         self.dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.dir = self.dir / file_sha256(tsm_ckpt)[:16]
@@ -73,8 +79,9 @@ class FeatureCache:
             rank_zero_warn(f"feature cache entry {path} does not match its recorded hash; rebuilding it")
         part = load_split(root, spec, size, split)
         dataset = JointDataset([spec], [part])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]),
-                                             generator=torch.Generator())  # never draws from the global RNG
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]), generator=torch.Generator()
+        )  # never draws from the global RNG
         features = extract_features(self.tsm, loader, self.kind)["features"]
         save_torch(features, path)  # concurrent builders (DDP ranks) each publish a complete file
         write_text(digest, file_sha256(path) + "\n")

@@ -115,8 +115,9 @@ def evaluate(model, processor, *, image_size: int, seed: int, n: int = HELD_OUT)
             images = [render(s, image_size, rng) for s in scenes]
             convs = [conversation(s, rng, task) for s in scenes]
             prompts = [template.render(c[1]) for c in convs]
-            enc = processor(text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True,
-                            padding_side="left")  # fmt: skip
+            enc = processor(
+                text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True, padding_side="left"
+            )
             with torch.no_grad():
                 ids = model.generate(**enc, max_new_tokens=24, do_sample=False)
             answers = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

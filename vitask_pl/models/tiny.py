@@ -24,7 +24,9 @@ TINY_PREFIX = "tiny:"
 VERSION = "v3"
 # `tiny:<family>` specs get this much text-only warm-up (see _pretrain_text); `vitask tiny-vlm` defaults to none.
 GENERALIST_SUFFIX = "-generalist"  # tiny:internvl-generalist
-SPEC_PRETRAIN_STEPS = 300  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
+SPEC_PRETRAIN_STEPS = (
+    300  # part of the cache directory name: bump it when a build changes, so stale caches are not reused
+)
 
 VOCAB = 2048  # upper bound; the BPE stops earlier once every word of the corpus is one token
 
@@ -58,7 +60,15 @@ GENERALIST_VERSION = "g2"
 
 # Words the chat templates and generic chat add around the prompts, so they tokenize compactly too.
 CHAT_WORDS = (
-    "system", "user", "assistant", "System", "User", "Assistant", "SYSTEM", "USER", "ASSISTANT",
+    "system",
+    "user",
+    "assistant",
+    "System",
+    "User",
+    "Assistant",
+    "SYSTEM",
+    "USER",
+    "ASSISTANT",
     "You are a helpful assistant.",
     "What is shown in this image? Answer with the diagnosis only.",
     "Yes, no, the image shows a sample of class 0 1 2 3 4 5 6 7 8 9.",
@@ -78,8 +88,9 @@ _PARTS = (
 _CHATML = (
     "{%- for message in messages -%}"
     "$SYSTEM"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}" + _PARTS +
-    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    + _PARTS
+    + "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
     "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{{- '<|im_end|>' -}}"
     "{%- endgeneration -%}{{- '\\n' -}}"
     "{%- else -%}"
@@ -97,8 +108,7 @@ _QWEN_SYSTEM = (  # Qwen2-VL's template adds this system turn when the conversat
 # LLaVA-1.5: "USER: <image>\n{text} ASSISTANT: {answer}</s>".
 _LLAVA = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}" + _PARTS +
-    "{%- if message['role'] == 'system' -%}"
+    "{%- for message in messages -%}" + _PARTS + "{%- if message['role'] == 'system' -%}"
     "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] + ' ' -}}{%- endfor -%}"
     "{%- else -%}"
     "{{- message['role'].upper() + ': ' -}}"
@@ -115,8 +125,9 @@ _LLAVA = (
 # Idefics3: "User:<image>{text}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n".
 _IDEFICS3 = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}" + _PARTS +
-    "{{- message['role'] | capitalize -}}{{- ':' if parts[0]['type'] == 'image' else ': ' -}}"
+    "{%- for message in messages -%}"
+    + _PARTS
+    + "{{- message['role'] | capitalize -}}{{- ':' if parts[0]['type'] == 'image' else ': ' -}}"
     "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
     "{%- for p in parts if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{{- '<end_of_utterance>' -}}"
     "{%- endgeneration -%}"
@@ -187,14 +198,18 @@ def _build_internvl(tok, image_size: int, dims: Dims):
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(**_vision_dims(image_size, dims)),
         text_config={"model_type": "qwen2", **_text_dims(tok, dims)},
-        image_token_id=tok.context_image_token_id, image_seq_length=seq, downsample_ratio=0.5,
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=seq,
+        downsample_ratio=0.5,
     )
     size = {"height": image_size, "width": image_size}
     # crop_to_patches is InternVL's tiling. InternVLProcessor turns it on for every call (its images_kwargs
     # default wins over the image processor's), so max_patches=1 is what keeps one tile per image.
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False, max_patches=1),
-        tokenizer=tok, video_processor=InternVLVideoProcessor(size=size), image_seq_length=seq,
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=seq,
     )
     return InternVLForConditionalGeneration(config), processor
 
@@ -204,16 +219,25 @@ def _build_llava(tok, image_size: int, dims: Dims):
 
     patch = image_size // dims.grid
     config = LlavaConfig(
-        vision_config={"model_type": "clip_vision_model", "projection_dim": dims.hidden, **_vision_dims(image_size, dims)},
+        vision_config={
+            "model_type": "clip_vision_model",
+            "projection_dim": dims.hidden,
+            **_vision_dims(image_size, dims),
+        },
         text_config={"model_type": "llama", **_text_dims(tok, dims)},
-        image_token_index=tok.image_token_id, image_seq_length=dims.grid**2, vision_feature_select_strategy="default",
+        image_token_index=tok.image_token_id,
+        image_seq_length=dims.grid**2,
+        vision_feature_select_strategy="default",
     )
     processor = LlavaProcessor(
         image_processor=LlavaImageProcessor(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         ),
         # CLIP prepends a CLS token (+1) that the "default" strategy drops again (-1): grid**2 image tokens.
-        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     return LlavaForConditionalGeneration(config), processor
 
@@ -238,18 +262,26 @@ def _build_qwen2_vl(tok, image_size: int, dims: Dims):
             **_text_dims(tok, dims), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
         ),
         vision_config=Qwen2VLVisionConfig(
-            depth=dims.layers, embed_dim=dims.hidden, hidden_size=dims.hidden, num_heads=dims.heads,
+            depth=dims.layers,
+            embed_dim=dims.hidden,
+            hidden_size=dims.hidden,
+            num_heads=dims.heads,
             mlp_ratio=dims.mlp // dims.hidden,
-            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
-        image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-        vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+        image_token_id=tok.image_token_id,
+        video_token_id=tok.video_token_id,
+        vision_start_token_id=tok.vision_start_token_id,
+        vision_end_token_id=tok.vision_end_token_id,
     )
     # min_pixels == max_pixels: every image is resized to image_size**2 pixels, grid x grid patches.
     pixels = dict(min_pixels=image_size**2, max_pixels=image_size**2, patch_size=patch, merge_size=2)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels, temporal_patch_size=2),
-        tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**pixels, temporal_patch_size=2),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**pixels, temporal_patch_size=2),
     )
     return Qwen2VLForConditionalGeneration(config), processor
 
@@ -267,12 +299,15 @@ def _build_idefics3(tok, image_size: int, dims: Dims):
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(**_vision_dims(image_size, dims)),
         text_config={"model_type": "llama", **_text_dims(tok, dims)},
-        image_token_id=tok.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id,
+        image_token_id=tok.image_token_id,
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
     )
     edge = {"longest_edge": image_size}
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessor(size=edge, max_image_size=edge, do_image_splitting=False),
-        tokenizer=tok, image_seq_len=seq,
+        tokenizer=tok,
+        image_seq_len=seq,
     )
     return Idefics3ForConditionalGeneration(config), processor
 
@@ -282,8 +317,11 @@ _CHATML_TOKENS = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # Qw
 RECIPES: dict[str, _Recipe] = {
     "internvl": _Recipe(
         tokens={
-            **_CHATML_TOKENS, "start_image_token": "<img>", "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>",
+            **_CHATML_TOKENS,
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
         },
         extra=("<|im_start|>",),
         chat_template=_template(_CHATML, SYSTEM="", IMAGE="<IMG_CONTEXT>\\n"),
@@ -296,8 +334,11 @@ RECIPES: dict[str, _Recipe] = {
     ),
     "qwen2_vl": _Recipe(
         tokens={
-            **_CHATML_TOKENS, "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+            **_CHATML_TOKENS,
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
         },
         extra=("<|im_start|>",),
         chat_template=_template(_CHATML, SYSTEM=_QWEN_SYSTEM, IMAGE="<|vision_start|><|image_pad|><|vision_end|>"),
@@ -305,11 +346,17 @@ RECIPES: dict[str, _Recipe] = {
     ),
     "idefics3": _Recipe(
         tokens={
-            "bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>", "pad_token": "<pad>",
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<end_of_utterance>",
+            "pad_token": "<pad>",
             "image_token": "<image>",
         },
         # The processor looks these up even without image splitting (the row/col tags name the tiles).
-        extra=("<fake_token_around_image>", "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
+        extra=(
+            "<fake_token_around_image>",
+            "<global-img>",
+            *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+        ),
         chat_template=_IDEFICS3,
         build=_build_idefics3,
     ),
@@ -482,8 +529,14 @@ def _write(build: Build, out: Path) -> tuple[str, int]:
     if build.generalist_steps:
         from vitask_pl.models.generalist import pretrain
 
-        card = pretrain(model, processor, steps=build.generalist_steps, image_size=build.image_size, seed=build.seed,
-                        held_out=build.held_out)
+        card = pretrain(
+            model,
+            processor,
+            steps=build.generalist_steps,
+            image_size=build.image_size,
+            seed=build.seed,
+            held_out=build.held_out,
+        )
         card = {"recipe": GENERALIST_VERSION, "dims": build.dims.__dict__, **card}
     # generate() stops at the end-of-turn token and pads with pad, as the real chat checkpoints do.
     model.generation_config.bos_token_id = tok.bos_token_id

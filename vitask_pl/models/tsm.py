@@ -10,9 +10,7 @@ from vitask_pl.errors import ConfigError, OfflineError, suggest
 FEATURE_KINDS = ("pooled", "patch")
 
 
-def create_backbone(
-    name: str, *, pretrained: bool = False, image_size: int | None = None, **kwargs
-) -> nn.Module:
+def create_backbone(name: str, *, pretrained: bool = False, image_size: int | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``: the classifier removed, so ``forward`` gives pooled features.
 
     Fixed-size backbones (ViTs) are built for ``image_size`` unless ``img_size`` is given in ``kwargs``;
@@ -71,7 +69,9 @@ class TaskSpecificModel(nn.Module):
         super().__init__()
         import timm
 
-        self.backbone = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **(backbone_kwargs or {}))
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, image_size=image_size, **(backbone_kwargs or {})
+        )
         cfg = timm.data.resolve_data_config({}, model=self.backbone)
         self.normalize = ImageNormalizer(cfg["mean"], cfg["std"], in_chans=cfg["input_size"][0])
         self.num_features = self.backbone.num_features
@@ -106,8 +106,10 @@ def load_tsm(path: str, *, option: str = "--model.init_args.tsm_ckpt") -> tuple[
     ckpt = load(path, option, "`vitask fit --config configs/tsm.yaml` (offline: add --config configs/offline/tsm.yaml)")
     stage = read(ckpt, path, option).get("stage")
     if stage != "TSMModule":
-        raise ConfigError(f"{option}: {path} is a checkpoint of {STAGE_NAMES.get(stage, stage)}, not of the TSM stage; "
-                          f"pass the checkpoint of `vitask fit --config configs/tsm.yaml`.")  # fmt: skip
+        raise ConfigError(
+            f"{option}: {path} is a checkpoint of {STAGE_NAMES.get(stage, stage)}, not of the TSM stage; "
+            f"pass the checkpoint of `vitask fit --config configs/tsm.yaml`."
+        )
     hp = ckpt.get("hyper_parameters", {})
     if "backbone" not in hp or not any(k.startswith("tsm.") for k in ckpt.get("state_dict", {})):
         raise ConfigError(f"{option}: {path} is not a TSM-stage checkpoint (no backbone/tsm weights in it).")
@@ -132,8 +134,13 @@ def extract_features(tsm: TaskSpecificModel, loader, kind: str = "pooled") -> di
 
 
 def export_features(
-    ckpt: str, out: str, root: str = "data/medmnist", split: str = "test", kind: str = "pooled",
-    size: int | None = None, batch_size: int = 256,
+    ckpt: str,
+    out: str,
+    root: str = "data/medmnist",
+    split: str = "test",
+    kind: str = "pooled",
+    size: int | None = None,
+    batch_size: int = 256,
 ) -> str:
     """Write the TSM's pre-logits feature of every image of a split to ``out`` (a ``torch.save`` file).
 

@@ -137,9 +137,11 @@ def load_vlm(
         raise ConfigError(f"--model.init_args.dtype: {dtype!r}; use auto, float32, bfloat16 or float16.")
     with _load_bar_on_terminal_only():
         model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+            source,
+            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     return model, processor, family
 
 
@@ -181,8 +183,10 @@ def lora_target_names(model: nn.Module, family: Family, lora: LoraSettings) -> l
         option, asked = "--model.init_args.lora.targets", str(lora.targets)
     if not matched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear if n.startswith(scope)})
-        raise ConfigError(f"{option}: {asked} matches no linear layer of the language model; "
-                          f"its layers are named {', '.join(leaves)}.")  # fmt: skip
+        raise ConfigError(
+            f"{option}: {asked} matches no linear layer of the language model; "
+            f"its layers are named {', '.join(leaves)}."
+        )
     return matched
 
 
@@ -274,16 +278,22 @@ class VLM(nn.Module):
         """Position ids: Qwen2-VL's 3-D M-RoPE ``(3, B, L)``, else ``(B, L)`` counting real tokens only."""
         if self.family.name == "qwen2_vl":
             positions, _ = self.model.model.get_rope_index(
-                input_ids, mm_token_type_ids=batch["mm_token_type_ids"],
-                image_grid_thw=batch["pixel"]["image_grid_thw"], attention_mask=attention_mask,
-            )  # fmt: skip
+                input_ids,
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["pixel"]["image_grid_thw"],
+                attention_mask=attention_mask,
+            )
             return positions
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
     def decode(self, embeds, attention_mask, positions, *, cache=None, use_cache: bool = False):
         """The decoder without its head: ``(last hidden states (B, L, D), cache)``."""
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=use_cache
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
         )
         return out.last_hidden_state, out.cache
 
@@ -323,9 +333,12 @@ def build_vlm(
     if isinstance(lora, dict):  # checkpoints store the settings as a plain dict (weights_only loading)
         lora = LoraSettings(**lora)
     model, processor, family = load_vlm(
-        spec, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        spec,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
         image_size=image_size,
-    )  # fmt: skip
+    )
     freeze_and_add_lora(model, family, lora)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which a frozen embedding never has.

@@ -13,7 +13,9 @@ from vitask_pl.models.tsm import FEATURE_KINDS, load_tsm
 
 def require(path: str | None, option: str, stage: str, produced_by: str) -> str:
     if not path:
-        raise MissingFileError(f"{option} is required for {stage}; produce it with `{produced_by}` and pass its checkpoint.")
+        raise MissingFileError(
+            f"{option} is required for {stage}; produce it with `{produced_by}` and pass its checkpoint."
+        )
     return path
 
 
@@ -29,8 +31,16 @@ class ExemplarSource(nn.Module):
         cache_dir: feature cache folder.
     """
 
-    def __init__(self, tsm_ckpt: str, specs: list[DatasetSpec], image_size: int, *, kind: str = "pooled",
-                 cache: bool = True, cache_dir: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tsm_ckpt: str,
+        specs: list[DatasetSpec],
+        image_size: int,
+        *,
+        kind: str = "pooled",
+        cache: bool = True,
+        cache_dir: str | None = None,
+    ):
         super().__init__()
         if kind not in FEATURE_KINDS:
             raise ConfigError(f"--model.init_args.feature_kind: {kind!r}; use one of {list(FEATURE_KINDS)}.")
@@ -38,11 +48,15 @@ class ExemplarSource(nn.Module):
         trained_on = list(hp["datasets"])
         unseen = [s.flag for s in specs if s.flag not in trained_on]
         if unseen:
-            raise ConfigError(f"--model.init_args.tsm_ckpt: {tsm_ckpt} was trained on {trained_on}, not on {unseen} "
-                              f"of --data.datasets; train a TSM on those datasets or drop them.")  # fmt: skip
+            raise ConfigError(
+                f"--model.init_args.tsm_ckpt: {tsm_ckpt} was trained on {trained_on}, not on {unseen} "
+                f"of --data.datasets; train a TSM on those datasets or drop them."
+            )
         if hp.get("image_size") != image_size:
-            raise ConfigError(f"--model.init_args.tsm_ckpt: {tsm_ckpt} was trained at {hp.get('image_size')} px but "
-                              f"--data.size is {image_size}; use a TSM trained at {image_size} px.")  # fmt: skip
+            raise ConfigError(
+                f"--model.init_args.tsm_ckpt: {tsm_ckpt} was trained at {hp.get('image_size')} px but "
+                f"--data.size is {image_size}; use a TSM trained at {image_size} px."
+            )
         self.tsm = tsm
         self.tsm_ckpt, self.specs, self.image_size, self.kind, self.use_cache = tsm_ckpt, specs, image_size, kind, cache
         self.cache = FeatureCache(tsm, tsm_ckpt, cache_dir, kind) if cache else None

@@ -35,4 +35,7 @@ def configure_optimizers(
         return {"optimizer": opt, "lr_scheduler": scheduler(opt)}
     total = int(module.trainer.estimated_stepping_batches)
     lr_lambda = warmup_cosine(total, int(warmup_ratio * total))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), "interval": "step"}}
+    return {
+        "optimizer": opt,
+        "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), "interval": "step"},
+    }

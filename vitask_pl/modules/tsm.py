@@ -54,7 +54,9 @@ class TSMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
-        self.tsm = TaskSpecificModel(backbone, pretrained=pretrained, image_size=image_size, backbone_kwargs=backbone_kwargs)
+        self.tsm = TaskSpecificModel(
+            backbone, pretrained=pretrained, image_size=image_size, backbone_kwargs=backbone_kwargs
+        )
         self.head = nn.Linear(self.tsm.num_features, joint_width(self.specs))
         masks = torch.zeros(len(self.specs), joint_width(self.specs), dtype=torch.bool)
         for d, s in enumerate(self.specs):

@@ -76,13 +76,22 @@ class VanillaInstructionTuning(L.LightningModule):
         plain_hparams(self)
         self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
         self.val_protocols = check_protocols(val_protocols or ["score"], "--model.init_args.val_protocols")
-        self.test_protocols = check_protocols(test_protocols or ["score", "generate"], "--model.init_args.test_protocols")
+        self.test_protocols = check_protocols(
+            test_protocols or ["score", "generate"], "--model.init_args.test_protocols"
+        )
         self.vlm, self.processor = build_vlm(
-            vlm, lora=lora or LoraSettings(), image_size=image_size, dtype=dtype, attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+            vlm,
+            lora=lora or LoraSettings(),
+            image_size=image_size,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
         self.collate = ChatBatch(self.processor, self.specs, max_length=max_length, processor_kwargs=processor_kwargs)
-        self.evaluation = Evaluation(self.specs, self.modes, max_new_tokens=max_new_tokens, stop_ids=self.collate.stop_ids)
+        self.evaluation = Evaluation(
+            self.specs, self.modes, max_new_tokens=max_new_tokens, stop_ids=self.collate.stop_ids
+        )
         self.optimizer, self.scheduler, self.warmup_ratio = optimizer, scheduler, warmup_ratio
         self.strict_loading = False  # checkpoints hold the adapters only; the base comes from `vlm`
 

@@ -39,33 +39,70 @@ from vitask_pl.modules.vlm_parts import (
 
 MODES = ("wo_ep", "w_ep")
 TSM_COMMAND = "vitask fit --config configs/tsm.yaml [--config configs/offline/tsm.yaml]"
-STAGE1_COMMAND = "vitask fit --config configs/ep.yaml [--config configs/offline/ep.yaml] --model.init_args.tsm_ckpt TSM.ckpt"
+STAGE1_COMMAND = (
+    "vitask fit --config configs/ep.yaml [--config configs/offline/ep.yaml] --model.init_args.tsm_ckpt TSM.ckpt"
+)
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class VITaskCore(nn.Module):
     """What both stages hold: the LoRA'd VLM, the frozen TSM as exemplar source, the connector, evaluation."""
 
-    def __init__(self, *, stage: str, tsm_ckpt, vlm, datasets, image_size, lora, exemplar_tokens, feature_kind,
-                 feature_cache, cache_dir, dtype, attn_implementation, gradient_checkpointing, trust_remote_code,
-                 max_length, processor_kwargs, val_protocols, test_protocols, max_new_tokens):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        stage: str,
+        tsm_ckpt,
+        vlm,
+        datasets,
+        image_size,
+        lora,
+        exemplar_tokens,
+        feature_kind,
+        feature_cache,
+        cache_dir,
+        dtype,
+        attn_implementation,
+        gradient_checkpointing,
+        trust_remote_code,
+        max_length,
+        processor_kwargs,
+        val_protocols,
+        test_protocols,
+        max_new_tokens,
+    ):
         super().__init__()
         self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
         tsm_ckpt = require(tsm_ckpt, "--model.init_args.tsm_ckpt", stage, TSM_COMMAND)
         if exemplar_tokens < 1 or (feature_kind == "patch" and exemplar_tokens != 1):
-            raise ConfigError(f"--model.init_args.exemplar_tokens: {exemplar_tokens}; use >= 1 with pooled features "
-                              f"and 1 with patch features (one exemplar token per patch).")  # fmt: skip
+            raise ConfigError(
+                f"--model.init_args.exemplar_tokens: {exemplar_tokens}; use >= 1 with pooled features "
+                f"and 1 with patch features (one exemplar token per patch)."
+            )
         self.val_protocols = check_protocols(val_protocols or ["score"], "--model.init_args.val_protocols")
-        self.test_protocols = check_protocols(test_protocols or ["score", "generate"], "--model.init_args.test_protocols")
-        self.source = ExemplarSource(tsm_ckpt, self.specs, image_size, kind=feature_kind, cache=feature_cache,
-                                     cache_dir=cache_dir)  # fmt: skip
+        self.test_protocols = check_protocols(
+            test_protocols or ["score", "generate"], "--model.init_args.test_protocols"
+        )
+        self.source = ExemplarSource(
+            tsm_ckpt, self.specs, image_size, kind=feature_kind, cache=feature_cache, cache_dir=cache_dir
+        )
         self.vlm, processor = build_vlm(
-            vlm, lora=lora or LoraSettings(), image_size=image_size, dtype=dtype, attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+            vlm,
+            lora=lora or LoraSettings(),
+            image_size=image_size,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
         self.connector = TSMConnector(self.source.width, self.vlm.hidden_size, exemplar_tokens)
-        self.collate = ChatBatch(processor, self.specs, max_length=max_length, processor_kwargs=processor_kwargs,
-                                 with_images=not feature_cache)  # fmt: skip
+        self.collate = ChatBatch(
+            processor,
+            self.specs,
+            max_length=max_length,
+            processor_kwargs=processor_kwargs,
+            with_images=not feature_cache,
+        )
         self.evaluation = Evaluation(self.specs, MODES, max_new_tokens=max_new_tokens, stop_ids=self.collate.stop_ids)
 
     def exemplars(self, batch: dict, split: str) -> torch.Tensor:
@@ -73,15 +110,25 @@ class VITaskCore(nn.Module):
         dtype = self.vlm.model.get_input_embeddings().weight.dtype
         return self.connector(self.source.features(batch, split).to(self.connector.net[1].weight.dtype)).to(dtype)
 
-    def losses(self, module: L.LightningModule, batch: dict, *, alpha: float, beta: float, rda_direction: str,
-               rda_temperature: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    def losses(
+        self,
+        module: L.LightningModule,
+        batch: dict,
+        *,
+        alpha: float,
+        beta: float,
+        rda_direction: str,
+        rda_temperature: float,
+    ) -> dict[str, torch.Tensor]:
         views = fused_views(self.vlm, batch, self.exemplars(batch, "train"), self.collate.pad_id, negatives=beta > 0)
         targets = views["targets"]
         n = token_denominator(module, len(targets), targets.device)
         terms = {
             "l_van": response_nll(views["plain"], targets, num_tokens=n),
             "l_ep": response_nll(views["ep"], targets, num_tokens=n),
-            "l_rda": rda_kl(views["plain"], views["ep"], direction=rda_direction, temperature=rda_temperature, num_tokens=n),
+            "l_rda": rda_kl(
+                views["plain"], views["ep"], direction=rda_direction, temperature=rda_temperature, num_tokens=n
+            ),
         }
         if beta > 0:
             terms["l_crt"] = crt(views["plain"], views["neg"], targets, num_tokens=n)
@@ -92,10 +139,16 @@ class VITaskCore(nn.Module):
         """Both modes: the VLM alone and the VLM with the exemplar; ``{mode: {protocol: (B, K) probs}}``."""
         tok = self.collate.tokenizer
         out = {"wo_ep": self.evaluation.update(self.vlm, batch, split, "wo_ep", protocols, tok)}
-        ep = insert_slots(batch, self.connector.num_tokens if self.source.kind == "pooled" else
-                          self.source.features(batch, split).shape[1], self.vlm.image_token_id, self.collate.pad_id)  # fmt: skip
+        ep = insert_slots(
+            batch,
+            self.connector.num_tokens if self.source.kind == "pooled" else self.source.features(batch, split).shape[1],
+            self.vlm.image_token_id,
+            self.collate.pad_id,
+        )
         exemplars = self.exemplars(batch, split)
-        out["w_ep"] = self.evaluation.update(self.vlm, ep, split, "w_ep", protocols, tok, exemplars.reshape(-1, exemplars.shape[-1]))
+        out["w_ep"] = self.evaluation.update(
+            self.vlm, ep, split, "w_ep", protocols, tok, exemplars.reshape(-1, exemplars.shape[-1])
+        )
         return out
 
 
@@ -105,8 +158,10 @@ def _setup_features(module: L.LightningModule, core: VITaskCore, stage: str) -> 
     if core.source.cache is None:
         return
     if datamodule is None or not hasattr(datamodule, "root"):
-        raise ConfigError("--model.init_args.feature_cache: the cache reads a MedMNISTDataModule's files; pass "
-                          "feature_cache: false to run the TSM on each batch instead.")  # fmt: skip
+        raise ConfigError(
+            "--model.init_args.feature_cache: the cache reads a MedMNISTDataModule's files; pass "
+            "feature_cache: false to run the TSM on each batch instead."
+        )
     splits = _STAGE_SPLITS.get(stage, ("train", "val", "test"))
     if module.trainer.is_global_zero:
         # setup() runs before the strategy moves the model, so the TSM is still on the CPU: extract on the
@@ -127,15 +182,19 @@ def _load_init(module: L.LightningModule, path: str) -> None:
     adapters = [k for k in ours if is_adapter(k)]
     missing = [k for k in adapters if k not in state]
     if missing:
-        raise ConfigError(f"--model.init_args.init_from: {path} is not a stage-1 checkpoint of this model "
-                          f"(no {missing[0]}); produce it with `{STAGE1_COMMAND}`.")  # fmt: skip
+        raise ConfigError(
+            f"--model.init_args.init_from: {path} is not a stage-1 checkpoint of this model "
+            f"(no {missing[0]}); produce it with `{STAGE1_COMMAND}`."
+        )
     module.load_state_dict({k: state[k] for k in adapters}, strict=False)
 
 
 def check_loss_weights(**weights: float) -> None:
     for name, value in weights.items():
         if not value >= 0:
-            raise ConfigError(f"--model.init_args.{name}: {value}; loss weights must be >= 0 (0 switches the term off).")
+            raise ConfigError(
+                f"--model.init_args.{name}: {value}; loss weights must be >= 0 (0 switches the term off)."
+            )
 
 
 class ExemplarPromptTuning(L.LightningModule):
@@ -192,18 +251,36 @@ class ExemplarPromptTuning(L.LightningModule):
     ):
         check_loss_weights(alpha=alpha)
         if rda_direction not in ("reverse", "forward"):
-            raise ConfigError(f"--model.init_args.rda_direction: {rda_direction!r}; use 'reverse' (the paper's) or 'forward'.")
+            raise ConfigError(
+                f"--model.init_args.rda_direction: {rda_direction!r}; use 'reverse' (the paper's) or 'forward'."
+            )
         if not rda_temperature > 0:
-            raise ConfigError(f"--model.init_args.rda_temperature: {rda_temperature}; use a temperature > 0 (1 is the paper's).")
+            raise ConfigError(
+                f"--model.init_args.rda_temperature: {rda_temperature}; use a temperature > 0 (1 is the paper's)."
+            )
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         plain_hparams(self)
         given = dict(locals())  # outside the comprehension: there, locals() is the comprehension's own scope
-        loss_args = ("self", "__class__", "alpha", "rda_direction", "rda_temperature", "optimizer", "scheduler", "warmup_ratio")
+        loss_args = (
+            "self",
+            "__class__",
+            "alpha",
+            "rda_direction",
+            "rda_temperature",
+            "optimizer",
+            "scheduler",
+            "warmup_ratio",
+        )
         core_args = {k: v for k, v in given.items() if k not in loss_args}
         self.core = VITaskCore(stage="stage 1 (EP fine-tuning)", **core_args)
         self.collate = self.core.collate
-        self.loss_weights = {"alpha": alpha, "beta": 0.0, "rda_direction": rda_direction, "rda_temperature": rda_temperature}
+        self.loss_weights = {
+            "alpha": alpha,
+            "beta": 0.0,
+            "rda_direction": rda_direction,
+            "rda_temperature": rda_temperature,
+        }
         self.optimizer, self.scheduler, self.warmup_ratio = optimizer, scheduler, warmup_ratio
         self.strict_loading = False  # checkpoints hold LoRA + connector; the base comes from `vlm`
 

@@ -63,15 +63,20 @@ def fused_views(vlm: VLM, batch: dict, exemplars: torch.Tensor, pad_id: int, *, 
         return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=fill)
 
     n_views = 3 if negatives else 2
-    plain = {"input_ids": padded(batch["input_ids"], pad_id), "attention_mask": padded(batch["attention_mask"], 0),
-             "labels": padded(batch["labels"], IGNORE)}  # fmt: skip
+    plain = {
+        "input_ids": padded(batch["input_ids"], pad_id),
+        "attention_mask": padded(batch["attention_mask"], 0),
+        "labels": padded(batch["labels"], IGNORE),
+    }
     fused = {k: torch.cat([ep[k]] + [plain[k]] * (n_views - 1)) for k in plain}
     slots = torch.cat([ep["exemplar_mask"]] + [torch.zeros_like(ep["exemplar_mask"])] * (n_views - 1))
     image_i = vlm.image_features(batch["pixel"])
     features = [image_i, image_i] + ([vlm.image_features(batch["neg_pixel"])] if negatives else [])
     pixels = [batch["pixel"]] * 2 + ([batch["neg_pixel"]] if negatives else [])
     if "mm_token_type_ids" in batch:  # Qwen2-VL's M-RoPE reads the token types and the image grids
-        fused["mm_token_type_ids"] = torch.cat([ep["mm_token_type_ids"]] + [padded(batch["mm_token_type_ids"], 0)] * (n_views - 1))
+        fused["mm_token_type_ids"] = torch.cat(
+            [ep["mm_token_type_ids"]] + [padded(batch["mm_token_type_ids"], 0)] * (n_views - 1)
+        )
         fused["pixel"] = {"image_grid_thw": torch.cat([p["image_grid_thw"] for p in pixels])}
     embeds = vlm.embed(fused["input_ids"], torch.cat(features), slots, exemplars.reshape(-1, exemplars.shape[-1]))
     positions = vlm.positions(fused["input_ids"], fused["attention_mask"], fused)
@@ -129,10 +134,16 @@ class Evaluation(nn.Module):
     def __init__(self, specs: Sequence[DatasetSpec], modes: Sequence[str], *, max_new_tokens: int, stop_ids):
         super().__init__()
         self.specs, self.modes, self.max_new_tokens, self.stop_ids = list(specs), list(modes), max_new_tokens, stop_ids
-        self.metrics = nn.ModuleDict({
-            f"{split}_{mode}_{protocol}": PerDatasetMetrics(specs, report_invalid=protocol == "generate", auc=protocol == "score")
-            for split in ("val", "test") for mode in modes for protocol in PROTOCOLS
-        })  # fmt: skip
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{mode}_{protocol}": PerDatasetMetrics(
+                    specs, report_invalid=protocol == "generate", auc=protocol == "score"
+                )
+                for split in ("val", "test")
+                for mode in modes
+                for protocol in PROTOCOLS
+            }
+        )
         self.used: dict[str, set[str]] = {"val": set(), "test": set()}
 
     @torch.no_grad()
@@ -188,12 +199,16 @@ def predict_rows(specs, batch: dict, probs: dict) -> list[dict]:
             p = by_protocol["score"][b, cols]
             pred = (p > 0.5).nonzero()[:, 0].tolist() if spec.multi_label else [int(p.argmax())]
             truth = batch["targets"][b, cols].nonzero()[:, 0].tolist()
-            rows.append({
-                "dataset": spec.flag, "index": i, "mode": mode,
-                "label": "; ".join(spec.labels[k] for k in truth) or "no finding",
-                "prediction": "; ".join(spec.labels[k] for k in pred) or "no finding",
-                **{f"p[{name}]": round(float(v), 6) for name, v in zip(spec.labels, p.tolist())},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "dataset": spec.flag,
+                    "index": i,
+                    "mode": mode,
+                    "label": "; ".join(spec.labels[k] for k in truth) or "no finding",
+                    "prediction": "; ".join(spec.labels[k] for k in pred) or "no finding",
+                    **{f"p[{name}]": round(float(v), 6) for name, v in zip(spec.labels, p.tolist())},
+                }
+            )
     return rows
 
 
