@@ -248,7 +248,7 @@ def main() -> None:
     stage1 = str(tmp / "stage1.ckpt")
     with check("stage 1: a few exemplar-prompting steps (builds the feature cache), checkpoint for stage 2"):
         L.seed_everything(0)
-        module = ExemplarPromptTuning(tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
+        module = ExemplarPromptTuning(tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": cache})
         t = trainer("stage1", precision="bf16-mixed" if cuda else "32-true", max_steps=4)
         t.fit(module, datamodule())
         t.save_checkpoint(stage1)
@@ -268,7 +268,9 @@ def main() -> None:
     for name, precision, strategy in variants:
         with check(f"stage 2: {name}"):
             L.seed_everything(0)
-            module = RDACRTTuning(init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
+            module = RDACRTTuning(
+                init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": cache}
+            )
             clock = StepClock()
             t = trainer(
                 name,
@@ -329,7 +331,9 @@ def main() -> None:
                     self.weights = trainable(module)
 
             L.seed_everything(0)
-            module = RDACRTTuning(init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
+            module = RDACRTTuning(
+                init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": cache}
+            )
             snap = Snapshot()
             t = trainer(
                 "resume", precision="bf16-mixed", strategy=deepspeed(), max_steps=ds_steps + 2, callbacks=[snap]
@@ -356,24 +360,30 @@ def main() -> None:
             print(
                 f"{single.name}: {mib(path_size(single))}, {len(state)} tensors ({len(lora)} LoRA); others: {others[:8]}"
             )
-            assert lora and not any(k.startswith("core.connector.") for k in state)  # frozen in stage 2: excluded
+            assert lora and not any(k.startswith("model.connector.") for k in state)  # frozen in stage 2: excluded
             assert all(torch.allclose(state[k].float(), ds_weights[k], atol=1e-2) for k in lora)
 
         with check("DeepSpeed: stage 1 under ZeRO-2, converted, as stage 2's init_from"):
             from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
             L.seed_everything(0)
-            module = ExemplarPromptTuning(tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache)
+            module = ExemplarPromptTuning(
+                tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": cache}
+            )
             t = trainer("stage1-ds", precision="bf16-mixed", strategy=deepspeed(), max_steps=3)
             t.fit(module, datamodule())
             t.save_checkpoint(tmp / "stage1-ds.ckpt")
             converted = tmp / "stage1-ds-single.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(tmp / "stage1-ds.ckpt"), str(converted))
             stage2 = RDACRTTuning(
-                init_from=str(converted), tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=cache
+                init_from=str(converted),
+                tsm_ckpt=tsm,
+                vlm="tiny:internvl",
+                datasets=FLAGS,
+                exemplar={"cache_dir": cache},
             )
-            mine, theirs = trainable(module), stage2.core.connector.state_dict()
-            worst = max((mine[f"core.connector.{k}"] - v.float()).abs().max().item() for k, v in theirs.items())
+            mine, theirs = trainable(module), stage2.model.connector.state_dict()
+            worst = max((mine[f"model.connector.{k}"] - v.float()).abs().max().item() for k, v in theirs.items())
             print(
                 f"stage-1 DeepSpeed dir {mib(path_size(tmp / 'stage1-ds.ckpt'))} -> {mib(path_size(converted))}; "
                 f"connector loaded into stage 2, max |diff| vs the trained (bf16) one {worst:.3g}"
@@ -385,7 +395,7 @@ def main() -> None:
         with check("DeepSpeed probe: feature_cache false (the TSM runs in the step, model cast to bf16)"):
             L.seed_everything(0)
             module = RDACRTTuning(
-                init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, feature_cache=False
+                init_from=stage1, tsm_ckpt=tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"feature_cache": False}
             )
             t = trainer("probe", precision="bf16-mixed", strategy=deepspeed(), max_steps=1)
             try:

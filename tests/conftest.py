@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub name must fail at once, never retry for minutes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -8,6 +9,40 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 SMALL_FLAGS = ["dermamnist", "chestmnist", "pneumoniamnist", "organamnist"]  # RGB, multi-label, binary, gray
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/, Makefile
+TINY_TSM = [  # a TSM fit that takes seconds: a small backbone, one epoch of 16 samples, no workers, no progress bar
+    "--model.init_args.backbone",
+    "resnet18",
+    "--trainer.max_epochs",
+    "1",
+    "--data.num_workers",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.max_samples",
+    "16",
+]
+
+
+def stage_configs(stage: str) -> list[str]:
+    """``--config`` of a stage's paper-setting file and of its offline overlay, as the README has them."""
+    from vitask_pl.stages import STAGES
+
+    overlay = STAGES[stage].overlay
+    return ["--config", str(ROOT / f"configs/{stage}.yaml"), "--config", str(ROOT / f"configs/offline/{overlay}.yaml")]
+
+
+def run(argv, capsys):
+    """(exit code, stdout, stderr) of `vitask argv` run in this process."""
+    from vitask_pl.cli import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,10 +66,11 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Freshly built random-weight tiny VLMs of every family (not the warmed `tiny:` cache)."""
-    from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
+    from vitask_pl.models.families import FAMILY_NAMES
+    from vitask_pl.models.tiny import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny")
-    return {f: build_tiny_vlm(f, str(root / f)) for f in FAMILIES}
+    return {f: build_tiny_vlm(f, str(root / f)) for f in FAMILY_NAMES}
 
 
 @pytest.fixture(scope="session")

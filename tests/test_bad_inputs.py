@@ -18,8 +18,7 @@ import pytest
 from vitask_pl.cli import main
 from vitask_pl.data.synth import synthesize
 
-from .conftest import SMALL_FLAGS
-from .test_cli import ROOT, run
+from .conftest import SMALL_FLAGS, run, stage_configs
 
 # ---------------------------------------------------------------------------------------------- earlier outputs
 
@@ -135,7 +134,7 @@ STAGE_ARGS = {
         "{vlm}",
         "--model.init_args.tsm_ckpt",
         "{tsm}",
-        "--model.init_args.cache_dir",
+        "--model.init_args.exemplar.cache_dir",
         "{cache}",
     ],
     "rda_crt": [
@@ -143,7 +142,7 @@ STAGE_ARGS = {
         "{vlm}",
         "--model.init_args.tsm_ckpt",
         "{tsm}",
-        "--model.init_args.cache_dir",
+        "--model.init_args.exemplar.cache_dir",
         "{cache}",
         "--model.init_args.init_from",
         "{stage1}",
@@ -156,10 +155,7 @@ def fit(stage: str, *extra: str, command: str = "fit"):
     samples, into ``{out}``; ``extra`` comes last, so it overrides."""
     argv = [
         command,
-        "--config",
-        str(ROOT / f"configs/{stage}.yaml"),
-        "--config",
-        str(ROOT / f"configs/offline/{stage}.yaml"),
+        *stage_configs(stage),
         "--data.root",
         "{data}",
         "--trainer.default_root_dir",
@@ -210,19 +206,19 @@ CASES = [
     # configs: model options of every stage, and the pipeline's
     case("vlm-unknown-tiny-family", fit("vanilla", "--model.init_args.vlm", "tiny:lava"), "--model.init_args.vlm", "'lava'", "did you mean 'llava'"),
     case("vlm-hub-id-offline", fit("vanilla", "--model.init_args.vlm", "nobody/no-such-vlm"), "--model.init_args.vlm", "nobody/no-such-vlm", "HF_HUB_OFFLINE"),
-    case("vlm-dtype", fit("vanilla", "--model.init_args.dtype", "float8"), "--model.init_args.dtype", "'float8'", "bfloat16"),
+    case("vlm-dtype", fit("vanilla", "--model.init_args.vlm_options.dtype", "float8"), "--model.init_args.vlm_options.dtype", "'float8'", "bfloat16"),
     case("lora-r-0", fit("vanilla", "--model.init_args.lora.r", "0"), "--model.init_args.lora.r", "--model.init_args.lora.r: 0 "),
     case("lora-targets-match-nothing", fit("vanilla", "--model.init_args.lora.targets", "[qkv]"), "--model.init_args.lora.targets", "'qkv'", "q_proj"),
     case("lora-regex-outside-llm", fit("vanilla", "--model.init_args.lora.target_regex", ".*"), "--model.init_args.lora.target_regex", "'.*'", "vision"),
-    case("protocol-unknown", fit("vanilla", "--model.init_args.val_protocols", "[scor]"), "--model.init_args.val_protocols", "'scor'", "'score'"),
-    case("max-length-too-small", fit("vanilla", "--model.init_args.max_length", "8"), "--model.init_args.max_length", "--model.init_args.max_length: 8 "),
-    case("feature-kind", fit("ep", "--model.init_args.feature_kind", "cls"), "--model.init_args.feature_kind", "'cls'", "'pooled'"),
-    case("exemplar-tokens-0", fit("ep", "--model.init_args.exemplar_tokens", "0"), "--model.init_args.exemplar_tokens", "--model.init_args.exemplar_tokens: 0;"),
-    case("rda-direction", fit("ep", "--model.init_args.rda_direction", "sideways"), "--model.init_args.rda_direction", "'sideways'"),
-    case("rda-temperature-0", fit("ep", "--model.init_args.rda_temperature", "0"), "--model.init_args.rda_temperature", "--model.init_args.rda_temperature: 0"),
-    case("alpha-negative-stage1", fit("ep", "--model.init_args.alpha", "-1"), "--model.init_args.alpha", "--model.init_args.alpha: -1"),
-    case("alpha-negative-stage2", fit("rda_crt", "--model.init_args.alpha", "-1"), "--model.init_args.alpha", "--model.init_args.alpha: -1"),
-    case("beta-negative", fit("rda_crt", "--model.init_args.beta", "-0.5"), "--model.init_args.beta", "--model.init_args.beta: -0.5"),
+    case("protocol-unknown", fit("vanilla", "--model.init_args.evaluation.val_protocols", "[scor]"), "--model.init_args.evaluation.val_protocols", "'scor'", "'score'"),
+    case("max-length-too-small", fit("vanilla", "--model.init_args.vlm_options.max_length", "8"), "--model.init_args.vlm_options.max_length", "--model.init_args.vlm_options.max_length: 8 "),
+    case("feature-kind", fit("ep", "--model.init_args.exemplar.feature_kind", "cls"), "--model.init_args.exemplar.feature_kind", "'cls'", "'pooled'"),
+    case("exemplar-tokens-0", fit("ep", "--model.init_args.exemplar.tokens", "0"), "--model.init_args.exemplar.tokens", "--model.init_args.exemplar.tokens: 0;"),
+    case("rda-direction", fit("ep", "--model.init_args.objective.rda_direction", "sideways"), "--model.init_args.objective.rda_direction", "'sideways'"),
+    case("rda-temperature-0", fit("ep", "--model.init_args.objective.rda_temperature", "0"), "--model.init_args.objective.rda_temperature", "--model.init_args.objective.rda_temperature: 0"),
+    case("alpha-negative-stage1", fit("ep", "--model.init_args.objective.alpha", "-1"), "--model.init_args.objective.alpha", "--model.init_args.objective.alpha: -1"),
+    case("alpha-negative-stage2", fit("rda_crt", "--model.init_args.objective.alpha", "-1"), "--model.init_args.objective.alpha", "--model.init_args.objective.alpha: -1"),
+    case("beta-negative", fit("rda_crt", "--model.init_args.objective.beta", "-0.5"), "--model.init_args.objective.beta", "--model.init_args.objective.beta: -0.5"),
     case("stage1-without-tsm-ckpt", fit("ep", "--model.init_args.tsm_ckpt", "null"), "--model.init_args.tsm_ckpt", "required", "configs/tsm.yaml"),
     case("stage2-without-init-from", fit("rda_crt", "--model.init_args.init_from", "null"), "--model.init_args.init_from", "required", "configs/ep.yaml"),
     case("tsm-backbone-unknown", fit("tsm", "--model.init_args.backbone", "resnet181"), "--model.init_args.backbone", "'resnet181'", "did you mean"),
@@ -247,7 +243,7 @@ CASES = [
     case("features-split", tool("features", "--ckpt", "{tsm}", "--out", "{out}/f.pt", "--root", "{data}", "--split", "testing"), "--split", "'testing'"),
     case("report-not-a-run", tool("report", "{data}"), "RUN_DIR", "{data}", "vitask pipeline"),
     # checkpoints of another configuration, and outputs that must not be overwritten
-    case("ckpt-path-other-stage", fit("vanilla", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "{stage1}", "differs in stage", "stage 1 (EP)", "vanilla instruction tuning"),
+    case("ckpt-path-other-stage", fit("vanilla", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "{stage1}", "differs in stage", "stage 1 (EP)", "vanilla IT"),
     case("ckpt-path-other-datasets", fit("ep", "--data.datasets", "[pneumoniamnist]", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "differs in datasets", "datasets ['pneumoniamnist']"),
     case("init-from-other-lora-rank", fit("rda_crt", "--model.init_args.lora.r", "4"), "--model.init_args.init_from", "{stage1}", "differs in lora_r", "lora_r 8", "lora_r 4"),
     case("init-from-other-family", fit("rda_crt", "--model.init_args.vlm", "{qwen}"), "--model.init_args.init_from", "{stage1}", "differs in family", "family internvl", "family qwen2_vl"),

@@ -8,35 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitask_pl.cli import build_cli, main
+from vitask_pl.cli import build_cli
+from vitask_pl.stages import STAGES
 
-from .conftest import SMALL_FLAGS
+from .conftest import ROOT, SMALL_FLAGS, TINY_TSM, run
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"strategy", "pipeline"} & set(p.parts))
-TINY_TSM = [
-    "--model.init_args.backbone",
-    "resnet18",
-    "--trainer.max_epochs",
-    "1",
-    "--data.num_workers",
-    "0",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.max_samples",
-    "16",
+STAGE_FILES = sorted((ROOT / "configs").glob("*.yaml"))  # one per stage; base/ holds what they include
+# Every stage file alone, and each with its offline overlay (offline/vlm.yaml serves all three VLM stages).
+CONFIGS = [(p, None) for p in STAGE_FILES] + [
+    (p, ROOT / "configs/offline" / f"{STAGES[p.stem].overlay}.yaml") for p in STAGE_FILES
 ]
-
-
-def run(argv, capsys):
-    """(exit code, stdout, stderr) of `vitask argv` run in this process."""
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -46,12 +27,26 @@ def test_help_lists_every_subcommand(capsys):
         assert command in out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_shipped_config_parses(config, capsys, synth_root):
-    base = ROOT / "configs" / config.name if "offline" in config.parts else config
-    argv = ["fit", "--config", str(base)]
-    if "offline" in config.parts:
-        argv += ["--config", str(config), "--data.root", str(synth_root), "--data.datasets", "[dermamnist]"]
+def test_every_overlay_and_base_file_is_used():
+    import yaml
+
+    included = {  # a group given as a file name (`data: base/vlm_data.yaml`) is read from beside the stage file
+        p.parent / v for p in STAGE_FILES for v in yaml.safe_load(p.read_text()).values() if str(v).endswith(".yaml")
+    }
+    used = {overlay for _, overlay in CONFIGS} | included
+    assert (
+        included
+        and set((ROOT / "configs/offline").glob("*.yaml")) | set((ROOT / "configs/base").glob("*.yaml")) <= used
+    )
+
+
+@pytest.mark.parametrize(
+    "config, overlay", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")) if p is not None else "alone"
+)
+def test_every_shipped_config_parses(config, overlay, capsys, synth_root):
+    argv = ["fit", "--config", str(config)]
+    if overlay is not None:
+        argv += ["--config", str(overlay), "--data.root", str(synth_root), "--data.datasets", "[dermamnist]"]
     else:  # real configs point at data that is not here; only parsing is checked
         argv += ["--data.download", "true"]
     code, out, err = run([*argv, "--print_config"], capsys)

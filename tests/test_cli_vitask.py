@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .test_cli import ROOT, run
+from .conftest import ROOT, run, stage_configs
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_ep_then_rda_crt_then_test_and_predict(family, tsm_ckpt, synth_root, fea
         tsm_ckpt,
         "--model.init_args.vlm",
         f"tiny:{family}",
-        "--model.init_args.cache_dir",
+        "--model.init_args.exemplar.cache_dir",
         feature_cache_dir,
         "--data.root",
         str(synth_root),
@@ -36,10 +36,7 @@ def test_ep_then_rda_crt_then_test_and_predict(family, tsm_ckpt, synth_root, fea
 
     def stage(name, *extra):
         return [
-            "--config",
-            str(ROOT / f"configs/{name}.yaml"),
-            "--config",
-            str(ROOT / f"configs/offline/{name}.yaml"),
+            *stage_configs(name),
             *common,
             "--trainer.default_root_dir",
             str(tmp_path / name),
@@ -94,7 +91,7 @@ def test_stage_errors_from_the_cli(tsm_ckpt, synth_root, tmp_path, capsys):
             "--config",
             str(ROOT / "configs/rda_crt.yaml"),
             "--config",
-            str(ROOT / "configs/offline/rda_crt.yaml"),
+            str(ROOT / "configs/offline/vlm.yaml"),
             *base,
             "--model.init_args.tsm_ckpt",
             tsm_ckpt,
@@ -103,7 +100,7 @@ def test_stage_errors_from_the_cli(tsm_ckpt, synth_root, tmp_path, capsys):
     )
     assert code == 2 and "init_from is required for stage 2" in err and "configs/ep.yaml" in err
     code, _, err = run(
-        ["fit", "--config", str(ROOT / "configs/ep.yaml"), "--config", str(ROOT / "configs/offline/ep.yaml"), *base],
+        ["fit", "--config", str(ROOT / "configs/ep.yaml"), "--config", str(ROOT / "configs/offline/vlm.yaml"), *base],
         capsys,
     )
     assert code == 2 and "tsm_ckpt is required for stage 1" in err and "configs/tsm.yaml" in err

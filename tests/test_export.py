@@ -15,15 +15,16 @@ from vitask_pl.data.chat import ChatBatch
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError
 from vitask_pl.eval.protocols import candidate_loglik, encode_prefix
-from vitask_pl.export import STAGE1, VANILLA, export, read_checkpoint
+from vitask_pl.export import export, read_checkpoint
 from vitask_pl.models.exemplar import TSMConnector, insert_slots
+from vitask_pl.models.families import family_of
 from vitask_pl.models.tsm import load_tsm
-from vitask_pl.models.vlm import VLM, LoraSettings, family_of
+from vitask_pl.models.vlm import VLM, LoraSettings
 from vitask_pl.modules.vanilla import VanillaInstructionTuning
 from vitask_pl.modules.vitask import ExemplarPromptTuning
+from vitask_pl.stages import STAGES
 
-from .conftest import sharpen
-from .test_cli import run
+from .conftest import run, sharpen
 
 FLAGS = ["dermamnist", "chestmnist"]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.1)  # not the defaults: the export must read them from the checkpoint
@@ -140,10 +141,10 @@ def test_vanilla_round_trip_through_peft_and_merged(vanilla_ckpt, synth_root, tm
     assert code == 0, err
     assert f"to {out}" in stdout
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    check_adapter(out, state, "vlm.model.")
+    check_adapter(out, state, "model.vlm.model.")
     assert not (out / "connector.safetensors").exists() and not (out / "connector.json").exists()
     meta = json.loads((out / "vitask_export.json").read_text())
-    assert meta["module"] == VANILLA == dotted(module) and meta["vlm"] == module.hparams.vlm
+    assert meta["module"] == STAGES["vanilla"].module == dotted(module) and meta["vlm"] == module.hparams.vlm
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == meta["base"]
     assert "sha256" in (out / "README.md").read_text()
 
@@ -151,7 +152,7 @@ def test_vanilla_round_trip_through_peft_and_merged(vanilla_ckpt, synth_root, tm
     exported = ChatBatch(AutoProcessor.from_pretrained(out), dataset_specs(FLAGS))(samples(synth_root))
     assert torch.equal(exported["input_ids"], batch["input_ids"])  # the exported processor is the training one
     with torch.no_grad():
-        ours = score(module.vlm, batch)
+        ours = score(module.model.vlm, batch)
         peft, merged = load_export(out, batch, ours)
         assert_same(score(peft, batch), ours, batch, atol=1e-5)
         assert_same(score(merged, batch), ours, batch, atol=1e-4, rtol=1e-6)  # merging rounds differently
@@ -165,8 +166,7 @@ def test_stage1_round_trip_with_connector(family, tiny_dirs, tsm_ckpt, synth_roo
         vlm=base,
         datasets=FLAGS,
         lora=LORA,
-        exemplar_tokens=2,
-        feature_cache=False,
+        exemplar={"tokens": 2, "feature_cache": False},
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     path = fit_and_save(module, synth_root, tmp_path)
@@ -174,23 +174,23 @@ def test_stage1_round_trip_with_connector(family, tiny_dirs, tsm_ckpt, synth_roo
     out = export(path, out=str(tmp_path / "export"), merge=True)
 
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    check_adapter(out, state, "core.vlm.model.")
-    assert json.loads((out / "vitask_export.json").read_text())["module"] == STAGE1 == dotted(module)
+    check_adapter(out, state, "model.vlm.model.")
+    assert json.loads((out / "vitask_export.json").read_text())["module"] == STAGES["ep"].module == dotted(module)
     config = json.loads((out / "connector.json").read_text())
-    assert config["init_args"] == {"feature_dim": 32, "hidden_dim": module.core.vlm.hidden_size, "num_tokens": 2}
+    assert config["init_args"] == {"feature_dim": 32, "hidden_dim": module.model.vlm.hidden_size, "num_tokens": 2}
     assert (config["tsm_ckpt"], config["datasets"], config["image_size"]) == (tsm_ckpt, FLAGS, 28)
     tensors = load_file(out / "connector.safetensors")
-    assert tensors.keys() == module.core.connector.state_dict().keys()
-    assert all(torch.equal(v, state[f"core.connector.{k}"]) for k, v in tensors.items())
+    assert tensors.keys() == module.model.connector.state_dict().keys()
+    assert all(torch.equal(v, state[f"model.connector.{k}"]) for k, v in tensors.items())
     connector = TSMConnector(**config["init_args"])
     connector.load_state_dict(tensors)
 
-    core = module.core
+    model = module.model
     batch = module.collate(samples(synth_root))
     with torch.no_grad():
-        exemplars = core.exemplars(batch, "test")
-        ep = insert_slots(batch, 2, core.vlm.image_token_id, core.collate.pad_id)
-        ours = {"wo_ep": score(core.vlm, batch), "w_ep": score(core.vlm, ep, exemplars.flatten(0, 1))}
+        exemplars = model.exemplars(model.source.features(batch, "test"))
+        ep = insert_slots(batch, 2, model.vlm.image_token_id, module.collate.pad_id)
+        ours = {"wo_ep": score(model.vlm, batch), "w_ep": score(model.vlm, ep, exemplars.flatten(0, 1))}
         assert not torch.allclose(ours["w_ep"], ours["wo_ep"], atol=1e-2)  # the connector reaches the predictions
         tsm, _ = load_tsm(config["tsm_ckpt"])
         theirs_exemplars = connector(tsm.features(batch["images"], config["feature_kind"]))
@@ -203,7 +203,7 @@ def test_stage1_round_trip_with_connector(family, tiny_dirs, tsm_ckpt, synth_roo
 
 def test_the_module_class_comes_from_the_checkpoint_record(vanilla_ckpt, tmp_path):
     checkpoint = torch.load(vanilla_ckpt[0], map_location="cpu", weights_only=True)
-    assert read_checkpoint(vanilla_ckpt[0])[1] == VANILLA == checkpoint["vitask"]["module"]
+    assert read_checkpoint(vanilla_ckpt[0])[1] == STAGES["vanilla"].module == checkpoint["vitask"]["module"]
     del checkpoint["vitask"]
     torch.save(checkpoint, tmp_path / "unrecorded.ckpt")
     with pytest.raises(ConfigError, match="CKPT: .*unrecorded.ckpt is not a vitask checkpoint"):

@@ -10,7 +10,7 @@ from vitask_pl.data.catalog import dataset_specs
 from vitask_pl.models.feature_cache import FeatureCache
 from vitask_pl.models.tsm import load_tsm
 
-from .test_cli import ROOT, TINY_TSM, run
+from .conftest import ROOT, TINY_TSM, run
 
 
 def tsm_fit(synth_root, out, *extra):

@@ -28,7 +28,7 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
             "init_args": {"monitor": "val/avg/acc", "mode": "max", "patience": 1},
         }
     ]
-    cache = {"model.init_args.cache_dir": feature_cache_dir, "trainer.limit_val_batches": 0}
+    cache = {"model.init_args.exemplar.cache_dir": feature_cache_dir, "trainer.limit_val_batches": 0}
     config = {
         "name": "m",
         "configs": str(ROOT / "configs"),
@@ -49,7 +49,7 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
             "vanilla": {
                 "trainer.max_epochs": 6,
                 "trainer.callbacks": stop,
-                "model.init_args.test_protocols": ["score"],
+                "model.init_args.evaluation.test_protocols": ["score"],
             },
             "ep": cache,
             "rda_crt": cache,

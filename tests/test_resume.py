@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_cli import ROOT
+from .conftest import ROOT, stage_configs
 
 STEPS_PER_EPOCH = 5  # 2 datasets x max_samples 10 / batch 4
 EPOCHS = 2
@@ -39,10 +39,7 @@ def stage_args(stage: str, root: Path, synth_root, tiny_dirs, tsm_ckpt, feature_
     config = {"tsm": "tsm", "vanilla": "vanilla", "ep": "ep", "rda_crt": "rda_crt"}[stage]
     args = [
         "fit",
-        "--config",
-        str(ROOT / f"configs/{config}.yaml"),
-        "--config",
-        str(ROOT / f"configs/offline/{config}.yaml"),
+        *stage_configs(config),
         "--data.root",
         str(synth_root),
         "--data.datasets",
@@ -83,7 +80,7 @@ def stage_args(stage: str, root: Path, synth_root, tiny_dirs, tsm_ckpt, feature_
         "8",
     ]
     if stage in ("ep", "rda_crt"):
-        args += ["--model.init_args.tsm_ckpt", tsm_ckpt, "--model.init_args.cache_dir", feature_cache_dir]
+        args += ["--model.init_args.tsm_ckpt", tsm_ckpt, "--model.init_args.exemplar.cache_dir", feature_cache_dir]
     if stage == "rda_crt":
         args += ["--model.init_args.init_from", init_from]
     return args
@@ -215,7 +212,7 @@ def test_pipeline_killed_mid_stage_continues_where_it_stopped(tmp_path, synth_ro
     import yaml
 
     vlm = {"model.init_args.vlm": tiny_dirs["internvl"]}
-    cache = {**vlm, "model.init_args.cache_dir": feature_cache_dir}
+    cache = {**vlm, "model.init_args.exemplar.cache_dir": feature_cache_dir}
     config = {
         "name": "p",
         "configs": str(ROOT / "configs"),

@@ -1,6 +1,7 @@
 """The strategy presets (configs/strategy/*.yaml) on top of a stage config: they parse, and the trainers they
 describe construct on CPU where Lightning allows it (DeepSpeed does; FSDP refuses a CPU accelerator)."""
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,10 @@ import yaml
 
 from vitask_pl.cli import build_cli
 
-from .test_cli import ROOT, run
+from .conftest import ROOT, run
 
 STRATEGIES = sorted((ROOT / "configs/strategy").glob("*.yaml"))
-STAGE2 = ["--config", str(ROOT / "configs/rda_crt.yaml"), "--config", str(ROOT / "configs/offline/rda_crt.yaml")]
+STAGE2 = ["--config", str(ROOT / "configs/rda_crt.yaml"), "--config", str(ROOT / "configs/offline/vlm.yaml")]
 FLAGS = ["dermamnist", "chestmnist"]
 
 
@@ -37,7 +38,39 @@ def test_preset_parses_on_top_of_stage2(preset, capsys, synth_root):
             assert value["init_args"].items() <= printed["trainer"]["strategy"]["init_args"].items()
         else:
             assert printed["trainer"][key] == value
-    assert preset.read_text().startswith("#") and "vitask fit --config configs/" in preset.read_text()
+
+
+def usage_line(preset: Path) -> list[str]:
+    """The `vitask fit ...` example in the preset's header comment (with its `\\` continuations), as argv."""
+    words, going = [], False
+    for line in preset.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        if going or text.startswith("vitask fit "):
+            words += shlex.split(text.removesuffix("\\"))
+            going = text.endswith("\\")
+            if not going:
+                break
+    return [w.strip("[]") for w in words[1:]]  # `[--trainer.devices 4]`: an optional part, taken
+
+
+@pytest.mark.parametrize("preset", STRATEGIES, ids=lambda p: p.stem)
+def test_the_usage_line_in_each_preset_parses_as_written(preset, capsys):
+    """Each preset documents how to use it; that command must still parse and give what it says it sets."""
+    argv = usage_line(preset)
+    assert argv[0] == "fit" and f"configs/strategy/{preset.name}" in argv  # the example uses the preset itself
+    argv = [str(ROOT / a) if a.startswith("configs/") else a for a in argv]
+    code, out, err = run([*argv, "--print_config"], capsys)
+    assert code == 0, err
+    printed = yaml.safe_load(out[out.index("# lightning.pytorch") :])
+    options = [(k, v) for k, v in zip(argv[1::2], argv[2::2], strict=True) if k != "--config"]
+    assert options  # every example names the checkpoints it needs, at least
+    for option, value in options:
+        node = printed
+        for key in option.removeprefix("--").split("."):
+            node = node[key]
+        assert str(node) == value, option
 
 
 def test_fsdp_preset_wraps_each_decoder_layer():
@@ -55,20 +88,22 @@ def test_fsdp_preset_wraps_each_decoder_layer():
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Qwen2DecoderLayer}
     assert strategy.kwargs["use_orig_params"] is True
-    assert preset["model"]["init_args"]["dtype"] == "float32"  # one dtype per FSDP unit: base and LoRA alike
+    assert (
+        preset["model"]["init_args"]["vlm_options"]["dtype"] == "float32"
+    )  # one dtype per FSDP unit: base and LoRA alike
 
 
 @pytest.fixture(scope="module")
 def stage1_adapters(tsm_ckpt, tmp_path_factory):
     """A stage-1 adapter file with the offline overlay's LoRA shape (untrained: only construction is tested)."""
     from vitask_pl.fingerprint import stamp
+    from vitask_pl.models.vitask_model import is_adapter
     from vitask_pl.models.vlm import LoraSettings
     from vitask_pl.modules.vitask import ExemplarPromptTuning
-    from vitask_pl.modules.vlm_parts import is_adapter
 
-    lora = LoraSettings(r=8, alpha=16, dropout=0.0)  # configs/offline/rda_crt.yaml
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0)  # configs/offline/vlm.yaml
     module = ExemplarPromptTuning(
-        tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, lora=lora, feature_cache=False
+        tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, lora=lora, exemplar={"feature_cache": False}
     )
     path = tmp_path_factory.mktemp("stage1") / "stage1.ckpt"
     checkpoint = {"state_dict": {k: v for k, v in module.state_dict().items() if is_adapter(k)}}
@@ -148,7 +183,7 @@ def test_stage2_step_bf16_mixed_on_cuda(tsm_ckpt, stage1_adapters, synth_root, t
         vlm="tiny:internvl",
         datasets=FLAGS,
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-        cache_dir=str(tmp_path / "features"),
+        exemplar={"cache_dir": str(tmp_path / "features")},
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
@@ -166,4 +201,4 @@ def test_stage2_step_bf16_mixed_on_cuda(tsm_ckpt, stage1_adapters, synth_root, t
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     after = dict(module.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach().cpu()) for n in before)
-    assert all(not p.requires_grad for p in module.core.connector.parameters())
+    assert all(not p.requires_grad for p in module.model.connector.parameters())

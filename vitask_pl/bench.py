@@ -117,9 +117,8 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.data.synth import synthesize
     from vitask_pl.eval.protocols import candidate_loglik, encode_prefix, greedy_generate
-    from vitask_pl.models.exemplar import insert_slots
+    from vitask_pl.modules.settings import ExemplarSettings
     from vitask_pl.modules.vitask import ExemplarPromptTuning
-    from vitask_pl.modules.vlm_parts import fused_views, response_logits
 
     synthesize(tmp, flags, image_size, per_class=4, seed=0)
     dm = MedMNISTDataModule(str(tmp), flags, image_size, num_workers=0)
@@ -128,9 +127,9 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         vlm=vlm or f"tiny:{family}",
         datasets=flags,
         image_size=image_size,
-        feature_cache=False,
+        exemplar=ExemplarSettings(feature_cache=False),
     ).to(dev)
-    core, v = module.core, module.core.vlm
+    model, v, pad_id = module.model, module.model.vlm, module.collate.pad_id
     ds = dm.dataset("train", negatives=True)
     samples = [ds[i * len(ds) // batch_size] for i in range(batch_size)]
     batch = module.collate(samples)
@@ -145,14 +144,13 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         module.zero_grad(set_to_none=True)
 
     def vanilla_response_only():
-        logits, targets, _ = response_logits(v, batch, v.image_features(batch["pixel"]))
+        logits, targets, _ = model.plain(batch)
         backward(response_nll(logits, targets))
 
     def vanilla_full_logits():  # what a generic causal-LM loss does: the head at every position
         embeds = v.embed(batch["input_ids"], v.image_features(batch["pixel"]))
-        hidden, _ = v.decode(
-            embeds, batch["attention_mask"], v.positions(batch["input_ids"], batch["attention_mask"], batch)
-        )
+        positions = v.positions(batch["input_ids"], batch["attention_mask"], *_mrope(batch))
+        hidden, _ = v.decode(embeds, batch["attention_mask"], positions)
         logits = v.head(hidden)[:, :-1]
         labels = batch["labels"][:, 1:]
         backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
@@ -166,15 +164,13 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         )
 
     def stage2_fused():
-        views = fused_views(v, batch, core.exemplars(batch, "train"), core.collate.pad_id, negatives=True)
+        views = model.fused_views(batch, model.source.features(batch, "train"), pad_id, negatives=True)
         backward(stage2_terms(views, views["targets"]))
 
     def stage2_separate():  # three forwards, each running the vision tower on its own images
-        ex = core.exemplars(batch, "train")
-        ep = insert_slots(batch, ex.shape[1], v.image_token_id, core.collate.pad_id)
-        ep_logits, targets, _ = response_logits(v, ep, v.image_features(batch["pixel"]), ex.flatten(0, 1))
-        plain, _, _ = response_logits(v, batch, v.image_features(batch["pixel"]))
-        neg, _, _ = response_logits(v, {**batch, "pixel": batch["neg_pixel"]}, v.image_features(batch["neg_pixel"]))
+        ep_logits, targets, _ = model.ep(batch, model.source.features(batch, "train"), pad_id)
+        plain, _, _ = model.plain(batch)
+        neg, _, _ = model.plain(batch, batch["neg_pixel"])
         backward(stage2_terms({"ep": ep_logits, "plain": plain, "neg": neg}, targets))
 
     @torch.no_grad()
@@ -183,7 +179,7 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
 
     @torch.no_grad()
     def evaluate_generate():
-        greedy_generate(v, encode_prefix(v, batch), module.hparams.max_new_tokens, core.collate.stop_ids)
+        greedy_generate(v, encode_prefix(v, batch), module.eval_settings.max_new_tokens, module.collate.stop_ids)
 
     module.train()
     params = list(module.parameters())
@@ -235,3 +231,9 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         "mib": {k: m for k, (_, m) in results.items()},
         "ratios": lines,
     }
+
+
+def _mrope(batch: dict) -> tuple:
+    """Qwen2-VL's M-RoPE inputs of a batch (token types, image grids); ``None`` for the other families."""
+    types = batch.get("mm_token_type_ids")
+    return types, batch["pixel"].get("image_grid_thw") if types is not None else None

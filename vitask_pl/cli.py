@@ -62,6 +62,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.utilities import rank_zero_warn
 
     from vitask_pl.atomic import AtomicCheckpointIO, remove_temporaries
+    from vitask_pl.console import lines_off_terminal, quiet
     from vitask_pl.data.catalog import resolve_flags
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.fingerprint import compare, load, read
@@ -75,6 +76,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from vitask_pl.resume import ExactResume, LastCheckpoint
 
     class VitaskCLI(LightningCLI):
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            # The module prints one compact table of the test results (eval/results.py) in place of Lightning's
+            # row per metric; `vitask test --verbose true` brings Lightning's back.
+            if subcommand == "test":
+                parser.set_defaults(verbose=False)
+            return parser
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # Facts the data knows reach the model here, so no config types them twice.
             parser.link_arguments("data.init_args.datasets", "model.init_args.datasets", compute_fn=resolve_flags)
@@ -127,6 +136,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             trainer.callbacks[:] = [ExactResume(), FiniteLoss(), *others, *last]
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # DeepSpeed/FSDP-sharded write their own
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            lines_off_terminal(trainer)
             return trainer
 
         def before_fit(self) -> None:
@@ -145,16 +155,17 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         before_predict = before_test
 
-    return VitaskCLI(
-        LightningModule,
-        MedMNISTDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False, "exit_on_error": False},
-        args=args,
-        run=run,
-    )
+    with quiet():  # Lightning's known noise, by message; everything else still shows
+        return VitaskCLI(
+            LightningModule,
+            MedMNISTDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            parser_kwargs={"default_env": False, "exit_on_error": False},
+            args=args,
+            run=run,
+        )
 
 
 def _underscore_option(arg: str) -> str:

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from vitask_pl.errors import ConfigError
+from vitask_pl.models.vitask_model import ADAPTER_PREFIX as CONNECTOR_PREFIX
+from vitask_pl.stages import STAGES, VLM_STAGES
 
-VANILLA = "vitask_pl.modules.vanilla.VanillaInstructionTuning"
-STAGE1 = "vitask_pl.modules.vitask.ExemplarPromptTuning"
-STAGE2 = "vitask_pl.modules.vitask.RDACRTTuning"
-TSM = "vitask_pl.modules.tsm.TSMModule"
-# Where each VLM stage holds the transformers model in its state dict; LoRA keys continue with its module paths.
-VLM_PREFIX = {VANILLA: "vlm.model.", STAGE1: "core.vlm.model.", STAGE2: "core.vlm.model."}
-CONNECTOR_PREFIX = "core.connector."
+VANILLA = STAGES["vanilla"].module
+TSM = STAGES["tsm"].module
+VLM_MODULES = tuple(STAGES[s].module for s in VLM_STAGES)
+VLM_PREFIX = "model.vlm.model."  # every VLM stage holds the transformers model here; LoRA keys continue its paths
 STAGE_CKPT = (
     "a vanilla, ep or rda_crt stage checkpoint written by `vitask fit` (its checkpoints/last.ckpt or best-*.ckpt)"
 )
@@ -41,14 +40,14 @@ def read_checkpoint(path: str) -> tuple[dict, str]:
             f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
             f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features)."
         )
-    if cls not in VLM_PREFIX:
+    if cls not in VLM_MODULES:
         raise ConfigError(f"CKPT: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
     return checkpoint, cls
 
 
 def lora_weights(checkpoint: dict, cls: str, path: str) -> dict[str, torch.Tensor]:
     """The checkpoint's LoRA tensors keyed by the transformers model's own module paths (``model.language_model...``)."""
-    prefix = VLM_PREFIX[cls]
+    prefix = VLM_PREFIX
     lora = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
     if not lora:
         raise ConfigError(f"CKPT: {path} holds no LoRA weights; pass {STAGE_CKPT}.")
@@ -92,12 +91,13 @@ def connector_files(checkpoint: dict, path: str) -> tuple[dict[str, torch.Tensor
         )
     hp = checkpoint["hyper_parameters"]
     hidden, width = tensors["net.1.weight"].shape
-    num_tokens = hp.get("exemplar_tokens", 1)
+    exemplar = hp.get("exemplar") or {}
+    num_tokens = exemplar.get("tokens", 1)
     assert tensors["net.3.weight"].shape[0] == hidden * num_tokens, "connector and exemplar_tokens disagree"
     config = {
         "class": "vitask_pl.models.exemplar.TSMConnector",
         "init_args": {"feature_dim": width, "hidden_dim": hidden, "num_tokens": num_tokens},
-        "feature_kind": hp.get("feature_kind", "pooled"),
+        "feature_kind": exemplar.get("feature_kind", "pooled"),
         "tsm_ckpt": hp.get("tsm_ckpt"),
         "datasets": hp.get("datasets"),
         "image_size": hp.get("image_size"),
@@ -143,6 +143,7 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
     from vitask_pl.models.vlm import LoraSettings, load_vlm, lora_target_names, resolve_source
 
     hp = checkpoint["hyper_parameters"]
+    options = hp.get("vlm_options") or {}
     settings = LoraSettings(**(hp.get("lora") or {}))
     option = f"CKPT {ckpt}: its vlm"
     source = resolve_source(hp["vlm"], hp.get("image_size", 28), option)
@@ -150,9 +151,9 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
     # sdpa whatever training used: the export runs no forward, and flash_attention_2 would need a GPU here.
     model, processor, family = load_vlm(
         source,
-        dtype=hp.get("dtype", "float32"),
+        dtype=options.get("dtype", "float32"),
         image_size=hp.get("image_size", 28),
-        trust_remote_code=hp.get("trust_remote_code", False),
+        trust_remote_code=options.get("trust_remote_code", False),
         option=option,
     )
     names = lora_target_names(model, family, settings)
@@ -177,7 +178,7 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
         "vlm": hp["vlm"],
         "base": base,
         "family": family.name,
-        "dtype": hp.get("dtype", "float32"),
+        "dtype": options.get("dtype", "float32"),
         "lora": dataclasses.asdict(settings),
         "connector": cls != VANILLA,
         "merged": merge,

@@ -13,14 +13,9 @@ from pathlib import Path
 import torch
 
 from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.stages import BY_CLASS, STAGES
 
 KEY = "vitask"
-STAGE_NAMES = {
-    "TSMModule": "the TSM stage",
-    "VanillaInstructionTuning": "vanilla instruction tuning",
-    "ExemplarPromptTuning": "stage 1 (EP)",
-    "RDACRTTuning": "stage 2 (RDA+CRT)",
-}
 # Fields that must agree; ``datasets`` is handled apart (stage 2 may train on a subset of stage 1's datasets).
 FIELDS = ("family", "hidden_size", "lora_r", "tsm_width", "backbone", "image_size")
 
@@ -34,12 +29,12 @@ def _lora_rank(model: torch.nn.Module) -> int | None:
 
 def fingerprint(module: torch.nn.Module) -> dict:
     """The facts a checkpoint of ``module`` is only valid with."""
-    core = getattr(module, "core", module)  # the VITask stages keep their parts in a VITaskCore
-    vlm = getattr(core, "vlm", None)
+    model = getattr(module, "model", None)  # the VLM stages' VITaskModel; the TSM stage has none
+    vlm = getattr(model, "vlm", None)
     record = {
         "stage": type(module).__name__,
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
-        "datasets": [s.flag for s in core.specs],
+        "datasets": [s.flag for s in module.specs],
         "image_size": module.hparams.get("image_size"),
     }
     if vlm is not None:
@@ -49,15 +44,16 @@ def fingerprint(module: torch.nn.Module) -> dict:
             lora_r=_lora_rank(vlm.model),
             vlm=str(module.hparams.get("vlm")),
         )
-    if hasattr(core, "source"):
-        record["tsm_width"] = int(core.source.width)
+    if getattr(model, "source", None) is not None:
+        record["tsm_width"] = int(model.source.width)
     if hasattr(module, "tsm"):
         record.update(backbone=module.hparams.get("backbone"), tsm_width=int(module.tsm.num_features))
     return record
 
 
 def describe(record: dict) -> str:
-    parts = [STAGE_NAMES.get(record.get("stage"), str(record.get("stage")))]
+    stage = BY_CLASS.get(record.get("stage"))
+    parts = [stage.title if stage else str(record.get("stage"))]
     parts += [f"{k} {record[k]}" for k in FIELDS if record.get(k) is not None]
     parts.append(f"datasets {record.get('datasets')}")
     return ", ".join(parts)
@@ -108,7 +104,7 @@ def compare(
     clash = [k for k in FIELDS if theirs.get(k) is not None and ours.get(k) is not None and theirs[k] != ours[k]]
     if theirs.get("stage") not in allowed:
         clash.insert(0, "stage")
-    if same_datasets or ours["stage"] == "TSMModule":
+    if same_datasets or ours["stage"] == STAGES["tsm"].class_name:
         unseen = [] if theirs.get("datasets") == ours["datasets"] else ours["datasets"]
     else:
         unseen = [d for d in ours["datasets"] if d not in theirs.get("datasets", [])]

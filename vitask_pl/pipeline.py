@@ -16,8 +16,10 @@ from pathlib import Path
 from vitask_pl.atomic import save_torch, write_text
 from vitask_pl.errors import ConfigError
 from vitask_pl.guards import last_checkpoints
+from vitask_pl.stages import STAGES
 
-STAGES = {  # stage -> (config name, evaluations after fit)
+# Each run of the pipeline is one stage of vitask_pl.stages (its config) with overrides, and its evaluations.
+RUNS = {  # run -> (stage, evaluations after fit)
     "tsm": ("tsm", ()),
     "vanilla": ("vanilla", ("predict", "incomplete", "contrast")),
     "ep": ("ep", ("predict", "contrast")),
@@ -29,11 +31,11 @@ STAGES = {  # stage -> (config name, evaluations after fit)
     "ep_incomplete": ("ep", ()),
     "rda_crt_incomplete": ("rda_crt", ()),
 }
-ABLATIONS = {"rda_only": {"model.init_args.beta": 0}, "crt_only": {"model.init_args.alpha": 0}}
+ABLATIONS = {"rda_only": {"model.init_args.objective.beta": 0}, "crt_only": {"model.init_args.objective.alpha": 0}}
 INCOMPLETE = ("vanilla_incomplete", "ep_incomplete", "rda_crt_incomplete")
 # What each VITask stage starts from and whose step budget it shares (see `match_vanilla_steps`).
 INIT_FROM = {"rda_crt": "ep", "rda_only": "ep", "crt_only": "ep", "rda_crt_incomplete": "ep_incomplete"}
-BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in STAGES}
+BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in RUNS}
 FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
 
 
@@ -73,7 +75,7 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
     if (record := _valid(record_path)) is not None:
         print(f"[pipeline] {seed_dir.name}/{name}: done earlier, skipped ({record_path})")
         return record
-    config, evaluations = STAGES[name]
+    _, evaluations = RUNS[name]
     base = [
         *config_args,
         *cli_args(overrides),
@@ -134,7 +136,9 @@ def run_probes(seed_dir: Path, config_args: list[str], overrides: dict) -> dict:
     module.eval()
     splits = {s: datamodule.load(s) for s in ("train", "val", "test")}
     tables = {
-        "features": probe_table(module.specs, splits, lambda im: vlm_image_features(module.vlm, module.collate, im)),
+        "features": probe_table(
+            module.specs, splits, lambda im: vlm_image_features(module.model.vlm, module.collate, im)
+        ),
         "pixels": probe_table(module.specs, splits, pixels),
         "wall_time_s": time.monotonic() - start,
     }
@@ -153,10 +157,9 @@ def _contrast(base: list[str], ckpt: str) -> dict:
     check(checkpoint, module, path=ckpt)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.eval()
-    vlm = module.vlm if hasattr(module, "vlm") else module.core.vlm
     datamodule.setup("test")
     loader = datamodule.loader("test", module.collate, negatives=True)
-    return response_probabilities(vlm, loader)
+    return response_probabilities(module.model, loader)
 
 
 def pipeline(
@@ -182,7 +185,8 @@ def pipeline(
         name: run name; everything goes under ``{runs_root}/{name}``.
         runs_root: folder of runs.
         configs: folder of the stage configs (``tsm.yaml``, ``vanilla.yaml``, ``ep.yaml``, ``rda_crt.yaml``).
-        overlay: sub-folder of ``configs`` with overlays of the same names (``offline``), or ``null``.
+        overlay: sub-folder of ``configs`` with the overlays (``offline``: ``tsm.yaml``, and ``vlm.yaml`` for every
+            VLM stage), or ``null``.
         vlm: the VLM of every VLM stage and of the probes (``tiny:internvl-generalist``, a directory or a hub id),
             over what the stage configs name; ``null`` keeps theirs.
         synthesize: ``{root, per_class, size}``: write synthetic MedMNIST files there first if missing.
@@ -208,9 +212,9 @@ def pipeline(
     run_dir = Path(runs_root) / name
     stages = stages or {}
     for option, names in (("--stages", stages), ("--select_on_val", select_on_val or [])):
-        unknown = set(names) - set(STAGES)
+        unknown = set(names) - set(RUNS)
         if unknown:
-            raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}.")
+            raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {list(RUNS)}.")
     if synthesize:
         _ensure_synthetic(**synthesize)
     order = (
@@ -223,10 +227,10 @@ def pipeline(
         seed_dir = run_dir / f"seed{seed + k}"
         records = {}
         for stage in order:
-            config = STAGES[stage][0]
+            config = RUNS[stage][0]
             config_args = ["--config", str(Path(configs) / f"{config}.yaml")]
             if overlay:
-                config_args += ["--config", str(Path(configs) / overlay / f"{config}.yaml")]
+                config_args += ["--config", str(Path(configs) / overlay / f"{STAGES[config].overlay}.yaml")]
             overrides = {
                 **(common or {}),
                 **stages.get(config, {}),
@@ -237,7 +241,7 @@ def pipeline(
                 overrides["model.init_args.vlm"] = vlm
             if stage in INCOMPLETE:
                 overrides["data.incomplete_instruction"] = True
-            if stage not in ("tsm", "vanilla", "vanilla_incomplete"):  # TSM -> both VITask stages
+            if "tsm_ckpt" in STAGES[config].needs:  # TSM -> both VITask stages
                 overrides["model.init_args.tsm_ckpt"] = records["tsm"]["checkpoint"]
             if stage in INIT_FROM:  # stage 1 -> stage 2
                 overrides["model.init_args.init_from"] = records[INIT_FROM[stage]]["checkpoint"]

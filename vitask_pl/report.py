@@ -14,6 +14,7 @@ from pathlib import Path
 from vitask_pl.atomic import atomic_path, write_text
 from vitask_pl.data.catalog import FLAGS
 from vitask_pl.errors import MissingFileError
+from vitask_pl.stages import STAGES
 
 # (row label, stage, metrics key, mode, protocol): the paper's Table 1 rows, then extras.
 ROWS = [
@@ -231,7 +232,8 @@ def _reading(results: dict, records: dict) -> list[str]:
 
     out = []
     first = records[sorted(records)[0]]
-    for stage, name in (("ep", "stage 1"), ("rda_crt", "stage 2")):
+    for stage in ("ep", "rda_crt"):
+        name = STAGES[stage].title
         if stage in first and "contrast" in first[stage]:
             data = torch.load(first[stage]["contrast"], weights_only=True)
             gap = float((data["pos"] - data["neg"]).mean())

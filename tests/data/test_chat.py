@@ -9,18 +9,18 @@ import torch
 from PIL import Image
 
 from vitask_pl.data.chat import ChatBatch, messages, rgb
+from vitask_pl.data.collate import IGNORE
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.data.prompts import NO_FINDING, candidate_responses
 from vitask_pl.errors import ConfigError
-from vitask_pl.models.tiny import FAMILIES
-from vitask_pl.models.vlm import IGNORE
+from vitask_pl.models.families import FAMILY_NAMES
 
 # Written out, not read from the code under test: the token each family's chat template ends a turn with.
 END_OF_TURN = {"internvl": "<|im_end|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 FLAGS = ["dermamnist", "chestmnist"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family_processor(request, tiny_dirs):
     from transformers import AutoProcessor
 
@@ -148,7 +148,7 @@ def test_sample_longer_than_max_length_is_a_one_line_config_error(family_process
     with pytest.raises(ConfigError) as err:
         ChatBatch(processor, dm.specs, max_length=n - 1)([sample])
     message = str(err.value)
-    assert message.startswith("--model.init_args.max_length: ") and "\n" not in message
+    assert message.startswith("--model.init_args.vlm_options.max_length: ") and "\n" not in message
     assert f"at least {n}" in message and "dermamnist" in message
 
 

@@ -21,7 +21,8 @@ from vitask_pl.eval.protocols import (
     greedy_generate,
     score_to_probs,
 )
-from vitask_pl.models.tiny import FAMILIES, build_tiny_vlm
+from vitask_pl.models.families import FAMILY_NAMES
+from vitask_pl.models.tiny import build_tiny_vlm
 from vitask_pl.models.vlm import LoraSettings, build_vlm
 
 from ..conftest import sharpen
@@ -40,7 +41,7 @@ def samples(synth_root):
     return dm.specs, [ds[i] for i in rows]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def model(request, tmp_path_factory, samples):
     family = request.param
     path = build_tiny_vlm(family, str(tmp_path_factory.mktemp("tiny") / family))

@@ -1,7 +1,7 @@
 import torch
 
+from vitask_pl.data.collate import IGNORE
 from vitask_pl.models.exemplar import TSMConnector, insert_slots
-from vitask_pl.models.vlm import IGNORE
 
 
 def toy_batch():

@@ -13,6 +13,7 @@ from vitask_pl.data.catalog import FLAGS, dataset_specs  # noqa: E402
 from vitask_pl.data.prompts import candidate_responses, instruction  # noqa: E402
 from vitask_pl.errors import ConfigError  # noqa: E402
 from vitask_pl.models import tiny  # noqa: E402
+from vitask_pl.models.families import FAMILY_NAMES  # noqa: E402
 
 EXPECTED = {  # family -> (model class, processor class); written out so a wrong registry entry fails
     "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor"),
@@ -23,7 +24,7 @@ EXPECTED = {  # family -> (model class, processor class); written out so a wrong
 END_OF_TURN = {"internvl": "<|im_end|>", "llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 
 
-@pytest.fixture(scope="module", params=tiny.FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def loaded(request, tmp_path_factory):
     """(family, model, processor) loaded back from a fresh build, shared by the tests of this module."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -105,7 +106,7 @@ def test_generate(loaded):
     assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_deterministic_from_seed(family, tmp_path):
     from safetensors.torch import load_file
 
@@ -137,7 +138,7 @@ def test_unknown_family():
     with pytest.raises(ConfigError) as err:
         tiny.build_tiny_vlm("llama", "/nonexistent/never-written")
     message = str(err.value)
-    assert "--family" in message and "'llama'" in message and all(f in message for f in tiny.FAMILIES)
+    assert "--family" in message and "'llama'" in message and all(f in message for f in FAMILY_NAMES)
 
 
 def test_resolve_tiny_builds_once(tmp_path, monkeypatch):

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from vitask_pl.data.chat import ChatBatch
+from vitask_pl.data.collate import IGNORE
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
 from vitask_pl.losses import response_nll
-from vitask_pl.models.tiny import FAMILIES
-from vitask_pl.models.vlm import IGNORE, LoraSettings, build_vlm, freeze_and_add_lora, load_vlm
-from vitask_pl.modules.vlm_parts import response_logits
+from vitask_pl.models.families import FAMILY_NAMES
+from vitask_pl.models.vitask_model import VITaskModel
+from vitask_pl.models.vlm import LoraSettings, build_vlm, freeze_and_add_lora, load_vlm
 
 from ..conftest import sharpen
 
@@ -37,7 +38,7 @@ PROJECTOR = {
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def loaded(request, tiny_dirs, synth_root):
     """(family, VLM with LoRA, processor, mixed batch of 4 samples: derma, chest x2, pneumonia)."""
     family = request.param
@@ -59,7 +60,7 @@ def test_response_only_loss_equals_full_forward_loss(loaded):
     family, vlm, _, batch = loaded
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # right padding is part of the test
     with torch.no_grad():
-        logits, targets, rows = response_logits(vlm, batch, vlm.image_features(batch["pixel"]))
+        logits, targets, rows = VITaskModel(vlm).plain(batch)
         ours = response_nll(logits, targets)
         out = vlm.model(**hf_inputs(batch), labels=batch["labels"])
 
@@ -78,14 +79,14 @@ def test_response_only_loss_equals_full_forward_loss(loaded):
 
 def test_gradient_reaches_lora_only(loaded):
     _, vlm, _, batch = loaded
-    logits, targets, _ = response_logits(vlm, batch, vlm.image_features(batch["pixel"]))
+    logits, targets, _ = VITaskModel(vlm).plain(batch)
     response_nll(logits, targets).backward()
     with_grad = {n for n, p in vlm.model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
     vlm.model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_only_lora_of_the_language_model_trains(family, tiny_dirs):
     vlm, _ = build_vlm(tiny_dirs[family], lora=LORA)
     named = dict(vlm.model.named_parameters())
@@ -136,7 +137,7 @@ def test_unsupported_model_type_lists_the_four_families(tiny_dirs, tmp_path):
         load_vlm(target)
     message = str(err.value)
     assert message.startswith("--model.init_args.vlm: model type 'llama' is not supported")
-    for family in FAMILIES:
+    for family in FAMILY_NAMES:
         assert family in message
 
 
@@ -181,7 +182,7 @@ def test_unknown_lora_target_lists_the_real_layer_names(family, tiny_dirs):
     assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_regex_reaching_the_vision_tower_is_refused(family, tiny_dirs):
     model, _, fam = load_vlm(tiny_dirs[family])
     # q_proj in the ViTs of InternVL, LLaVA and Idefics3; Qwen2-VL's vision blocks fuse it into qkv.

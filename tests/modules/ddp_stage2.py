@@ -48,7 +48,7 @@ def main() -> None:
     assert preset["class_path"].endswith("DDPStrategy"), preset
     L.seed_everything(0)
     module = RDACRTTuning(
-        init_from=args.init, tsm_ckpt=args.tsm, vlm="tiny:internvl", datasets=FLAGS, cache_dir=args.cache
+        init_from=args.init, tsm_ckpt=args.tsm, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": args.cache}
     )
     # 16 samples per dataset: 32 per epoch, 16 per rank, 4 steps of 4; validation (one batch) closes the epoch.
     dm = MedMNISTDataModule(args.root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=16)
@@ -71,7 +71,7 @@ def main() -> None:
         {
             "world_size": trainer.world_size,
             "trainable": {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
-            "connector": {k: v.clone() for k, v in module.core.connector.state_dict().items()},
+            "connector": {k: v.clone() for k, v in module.model.connector.state_dict().items()},
             "losses": record.losses,
             "samples": record.samples,
             "val_acc": float(trainer.callback_metrics["val/avg/acc"]),

@@ -22,7 +22,9 @@ SCRIPT = Path(__file__).with_name("ddp_stage2.py")
 def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
     """A stage-1 checkpoint after two training steps (as tests/modules/test_vitask.py makes one)."""
     out = tmp_path_factory.mktemp("stage1")
-    module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir)
+    module = ExemplarPromptTuning(
+        tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": feature_cache_dir}
+    )
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
     trainer = L.Trainer(
         max_steps=2,
@@ -88,6 +90,6 @@ def test_stage2_ddp_ranks_agree(stage1_ckpt, tsm_ckpt, synth_root, tmp_path):
     stage1 = torch.load(stage1_ckpt, weights_only=True)["state_dict"]
     assert any(not torch.equal(w, stage1[n]) for n, w in trainable.items())  # training moved LoRA
     for key, value in ranks[0]["connector"].items():  # the frozen connector is stage 1's on both ranks
-        assert torch.equal(value, stage1[f"core.connector.{key}"]) and torch.equal(value, ranks[1]["connector"][key])
+        assert torch.equal(value, stage1[f"model.connector.{key}"]) and torch.equal(value, ranks[1]["connector"][key])
     assert ranks[0]["val_acc"] == ranks[1]["val_acc"]  # validation metrics synced across ranks
     assert len(list(cache.rglob("*.pt"))) == 2 * len(FLAGS)  # train + val tables, built once

@@ -6,9 +6,7 @@ import torch
 
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError, MissingFileError
-from vitask_pl.models.exemplar import insert_slots
 from vitask_pl.modules.vitask import ExemplarPromptTuning, RDACRTTuning
-from vitask_pl.modules.vlm_parts import fused_views, response_logits
 
 from ..conftest import SMALL_FLAGS, make_tsm_ckpt
 
@@ -16,9 +14,8 @@ FLAGS = ["dermamnist", "chestmnist"]
 
 
 def stage1(tsm_ckpt, cache_dir, family="internvl", **kw):
-    return ExemplarPromptTuning(
-        tsm_ckpt=tsm_ckpt, vlm=f"tiny:{family}", datasets=FLAGS, cache_dir=cache_dir, feature_cache=False, **kw
-    )
+    exemplar = {"cache_dir": cache_dir, "feature_cache": False}
+    return ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm=f"tiny:{family}", datasets=FLAGS, exemplar=exemplar, **kw)
 
 
 def batch_of(module, synth_root, negatives=False):
@@ -30,16 +27,14 @@ def batch_of(module, synth_root, negatives=False):
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_views_inside_the_fused_batch_equal_standalone_forwards(family, tsm_ckpt, feature_cache_dir, synth_root):
     module = stage1(tsm_ckpt, feature_cache_dir, family).eval()
-    core = module.core
+    model, pad_id = module.model, module.collate.pad_id
     batch = batch_of(module, synth_root, negatives=True)
     with torch.no_grad():
-        exemplars = core.exemplars(batch, "train")
-        fused = fused_views(core.vlm, batch, exemplars, core.collate.pad_id, negatives=True)
-        plain, targets, _ = response_logits(core.vlm, batch, core.vlm.image_features(batch["pixel"]))
-        ep_view = insert_slots(batch, 1, core.vlm.image_token_id, core.collate.pad_id)
-        ep, _, _ = response_logits(core.vlm, ep_view, core.vlm.image_features(batch["pixel"]), exemplars.flatten(0, 1))
-        neg_batch = {**batch, "pixel": batch["neg_pixel"]}
-        neg, _, _ = response_logits(core.vlm, neg_batch, core.vlm.image_features(batch["neg_pixel"]))
+        features = model.source.features(batch, "train")
+        fused = model.fused_views(batch, features, pad_id, negatives=True)
+        plain, targets, _ = model.plain(batch)
+        ep, _, _ = model.ep(batch, features, pad_id)
+        neg, _, _ = model.plain(batch, batch["neg_pixel"])
     assert torch.equal(fused["targets"], targets)
     assert torch.allclose(fused["plain"], plain, atol=1e-5)
     assert torch.allclose(fused["ep"], ep, atol=1e-5)
@@ -51,9 +46,9 @@ def test_views_inside_the_fused_batch_equal_standalone_forwards(family, tsm_ckpt
 def test_stage1_trains_connector_and_lora_only(tsm_ckpt, feature_cache_dir, synth_root):
     module = stage1(tsm_ckpt, feature_cache_dir)
     batch = batch_of(module, synth_root)
-    terms = module.core.losses(module, batch, alpha=1.0, beta=0.0, rda_direction="reverse", rda_temperature=1.0)
-    assert set(terms) == {"l_van", "l_ep", "l_rda", "loss"}
-    terms["loss"].backward()
+    terms = module.loss_terms(batch)
+    assert set(terms) == {"l_van", "l_ep", "l_rda"} and not module.needs_negatives
+    module.training_step(batch, 0).backward()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".connector." in n for n in trainable)
     assert all(module.get_parameter(n).grad is not None for n in trainable if ".connector." in n)
@@ -63,7 +58,8 @@ def test_stage1_trains_connector_and_lora_only(tsm_ckpt, feature_cache_dir, synt
 def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
     """A stage-1 checkpoint after a few real training steps through the Trainer (feature cache on)."""
     out = tmp_path_factory.mktemp("stage1")
-    module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir)
+    exemplar = {"cache_dir": feature_cache_dir}
+    module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, exemplar=exemplar)
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
     trainer = L.Trainer(
         max_steps=3,
@@ -89,25 +85,28 @@ def test_stage_checkpoint_holds_adapters_only(stage1_ckpt):
 
 def test_stage2_starts_from_stage1_and_freezes_the_connector(stage1_ckpt, tsm_ckpt, feature_cache_dir, synth_root):
     path, stage1_module = stage1_ckpt
-    module = RDACRTTuning(
-        init_from=path,
-        tsm_ckpt=tsm_ckpt,
-        vlm="tiny:internvl",
-        datasets=FLAGS,
-        cache_dir=feature_cache_dir,
-        feature_cache=False,
-    )
+
+    def stage2(**objective):
+        exemplar = {"cache_dir": feature_cache_dir, "feature_cache": False}
+        return RDACRTTuning(
+            init_from=path, tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, exemplar=exemplar, **objective
+        )
+
+    module = stage2()
     ours, theirs = module.state_dict(), stage1_module.state_dict()
     adapters = [k for k in ours if "lora_" in k or ".connector." in k]
     assert adapters and all(torch.equal(ours[k], theirs[k]) for k in adapters)
     batch = batch_of(module, synth_root, negatives=True)
-    terms = module.core.losses(module, batch, **module.loss_weights)
-    assert set(terms) == {"l_van", "l_ep", "l_rda", "l_crt", "loss"}
-    terms["loss"].backward()
-    connector = list(module.core.connector.parameters())
+    terms = module.loss_terms(batch)
+    assert set(terms) == {"l_van", "l_ep", "l_rda", "l_crt"}
+    module.training_step(batch, 0).backward()
+    connector = list(module.model.connector.parameters())
     assert all(not p.requires_grad and p.grad is None for p in connector)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters() if "lora_" in n)
-    assert module.needs_negatives and not ExemplarPromptTuning.needs_negatives
+    assert module.needs_negatives
+    # beta 0 (the "RDA only" row): no CRT term, so negatives are neither loaded nor encoded
+    rda_only = stage2(objective={"beta": 0.0})
+    assert not rda_only.needs_negatives and "l_crt" not in rda_only.loss_terms(batch_of(rda_only, synth_root))
 
 
 def test_missing_checkpoints_name_the_stage_and_the_command(tsm_ckpt, tmp_path):
@@ -117,7 +116,7 @@ def test_missing_checkpoints_name_the_stage_and_the_command(tsm_ckpt, tmp_path):
         RDACRTTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS)
     with pytest.raises(
         MissingFileError,
-        match=r"tsm_ckpt: .*nope.ckpt not found; produce it with `vitask fit --config configs/tsm.yaml`",
+        match=r"tsm_ckpt: .*nope.ckpt not found; produce it with `vitask fit --config configs/tsm.yaml \[--config",
     ):
         ExemplarPromptTuning(tsm_ckpt=str(tmp_path / "nope.ckpt"), vlm="tiny:internvl", datasets=FLAGS)
 
@@ -133,9 +132,20 @@ def test_tsm_mismatches_are_clear(tsm_ckpt, stage1_ckpt, synth_root, tmp_path):
         RDACRTTuning(init_from=stage1_ckpt[0], tsm_ckpt=wider, vlm="tiny:internvl", datasets=FLAGS)
 
 
-def test_plug_in_tsm_of_the_same_width_loads(stage1_ckpt, synth_root, tmp_path, feature_cache_dir):
+def test_plug_in_tsm_of_the_same_width_loads(stage1_ckpt, tsm_ckpt, synth_root, tmp_path, feature_cache_dir):
+    """VITask^plug: another TSM of the same width feeds the stage-1 connector; its features, not the old TSM's."""
     other = make_tsm_ckpt(synth_root, SMALL_FLAGS, tmp_path / "other.ckpt", seed=1)
-    module = RDACRTTuning(
-        init_from=stage1_ckpt[0], tsm_ckpt=other, vlm="tiny:internvl", datasets=FLAGS, cache_dir=feature_cache_dir
-    )
-    assert module.core.source.tsm_ckpt == other
+    exemplar = {"cache_dir": feature_cache_dir, "feature_cache": False}
+    built = {
+        name: RDACRTTuning(
+            init_from=stage1_ckpt[0], tsm_ckpt=path, vlm="tiny:internvl", datasets=FLAGS, exemplar=exemplar
+        )
+        for name, path in (("plugged", other), ("original", tsm_ckpt))
+    }
+    plugged, original = built["plugged"], built["original"]
+    batch = batch_of(plugged, synth_root)
+    adapters = [k for k in plugged.state_dict() if "lora_" in k or ".connector." in k]
+    assert adapters and all(torch.equal(plugged.state_dict()[k], original.state_dict()[k]) for k in adapters)
+    features = {name: m.model.source.features(batch, "train") for name, m in built.items()}
+    assert features["plugged"].shape == features["original"].shape
+    assert not torch.allclose(features["plugged"], features["original"])

@@ -1,4 +1,4 @@
-"""From VITask samples to VLM tokens, in DataLoader workers (README, "Method decisions").
+"""From VITask samples to VLM tokens, in DataLoader workers (docs/method.md#masking).
 
 The model's own chat template renders the instruction (user turn with the image) and the response
 (assistant turn); the processor expands the image placeholder. Labels cover the response and the end-of-turn
@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from vitask_pl.data.catalog import DatasetSpec
-from vitask_pl.data.collate import joint_targets
+from vitask_pl.data.collate import IGNORE, joint_targets
 from vitask_pl.data.dataset import stack_images
 from vitask_pl.data.prompts import candidate_responses
 from vitask_pl.errors import ConfigError
-from vitask_pl.models.vlm import IGNORE
 
 
 def messages(instruction: str, response: str | None = None) -> list[dict]:
@@ -160,7 +159,7 @@ class ChatBatch:
         if int(lengths.max()) > self.max_length:
             worst = int(lengths.argmax())
             raise ConfigError(
-                f"--model.init_args.max_length: {self.max_length} would cut the image tokens or the response of a "
+                f"--model.init_args.vlm_options.max_length: {self.max_length} would cut the image tokens or the response of a "
                 f"{self.specs[samples[worst]['dataset']].flag} sample ({int(lengths[worst])} tokens); raise it to at "
                 f"least {int(lengths.max())} (samples are never truncated)."
             )

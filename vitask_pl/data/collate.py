@@ -10,6 +10,8 @@ import torch
 from vitask_pl.data.catalog import DatasetSpec, joint_width
 from vitask_pl.data.dataset import stack_images
 
+IGNORE = -100  # the label of every position that is not a response token (PyTorch's cross-entropy default)
+
 
 def joint_targets(specs: Sequence[DatasetSpec], dataset: Sequence[int], labels: Sequence[np.ndarray]) -> torch.Tensor:
     """``(B, K)`` multi-hot targets in the joint label space (one-hot for single-label datasets)."""

@@ -23,9 +23,9 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 class MedMNISTDataModule(L.LightningDataModule):
     """MedMNIST 2D datasets read from ``{root}/{flag}[_{size}].npz``, one joint dataset per split.
 
-    What a batch looks like is the model's business: the data module hands the model's ``collate`` (its
-    processor or transform) to the DataLoader, so preprocessing runs in the workers. A model with
-    ``needs_negatives = True`` also gets one different-label image of the same dataset per training sample.
+    What a batch looks like is the model's business: the model hands its ``collate`` (its processor or
+    transform) to :meth:`connect` before the loaders are built, so preprocessing runs in the workers; with
+    ``negatives`` each training sample also gets one different-label image of the same dataset.
 
     Args:
         root: folder holding the ``.npz`` files (official, or written by ``vitask data synth``).
@@ -88,6 +88,8 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.sampling_weights, self.epoch_samples = sampling_weights, epoch_samples
         self.incomplete_instruction, self.augment_shift, self.seed = incomplete_instruction, augment_shift, seed
         self.splits: dict[str, list[Split]] = {}
+        self.collate: Callable | None = None  # pushed in by the model (connect); loaders may also name their own
+        self.negatives = False
         self.save_hyperparameters(ignore=["datasets"])  # the model logs the resolved list it was linked
 
     # -- loading -----------------------------------------------------------------------------------------
@@ -132,9 +134,10 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------
 
-    def _module_attr(self, name: str, default=None):
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, name, default)
+    def connect(self, collate: Callable, *, negatives: bool = False) -> None:
+        """What the model needs from its batches: its ``collate`` and whether training samples carry a
+        negative image (stage 2's CRT). Every stage calls this in its ``setup``, before any loader is built."""
+        self.collate, self.negatives = collate, negatives
 
     def loader(
         self, split: str, collate_fn: Callable | None = None, *, train: bool = False, negatives: bool = False
@@ -159,7 +162,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         kwargs = dict(
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
-            collate_fn=collate_fn or self._module_attr("collate"),
+            collate_fn=collate_fn or self._connected(),
             num_workers=self.num_workers,
             persistent_workers=False,  # workers re-fork each epoch, so nothing epoch-dependent goes stale
             # Its own generator: creating an iterator then never draws from the global RNG (see vitask_pl/resume.py).
@@ -168,6 +171,14 @@ class MedMNISTDataModule(L.LightningDataModule):
         if train and self.trainer is not None:
             return ResumableLoader(ds, progress=self._train_progress, **kwargs)
         return DataLoader(ds, **kwargs)
+
+    def _connected(self) -> Callable:
+        if self.collate is None:
+            raise RuntimeError(
+                "MedMNISTDataModule: no collate function; the model calls datamodule.connect(collate) in its setup, "
+                "or pass collate_fn to loader()."
+            )
+        return self.collate
 
     def _train_progress(self) -> tuple[int, int]:
         """``(epoch, batches trained in it)``: where a checkpoint written now stands in the data."""
@@ -178,7 +189,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         return running_epoch(self.trainer), batches.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", train=True, negatives=bool(self._module_attr("needs_negatives", False)))
+        return self.loader("train", train=True, negatives=self.negatives)
 
     # Evaluation never reads negative images, so only training batches carry them (CRT); the Fig. 3 contrast
     # asks for them explicitly with loader(..., negatives=True).

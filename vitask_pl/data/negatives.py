@@ -1,4 +1,4 @@
-"""Negative images for contrastive response tuning: same dataset, different label (README, "Method decisions")."""
+"""Negative images for contrastive response tuning: same dataset, different label (docs/method.md#negatives)."""
 
 from __future__ import annotations
 

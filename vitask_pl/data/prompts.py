@@ -1,4 +1,4 @@
-"""Instruction and response text of VITask (README, "Method decisions"), after MedDr."""
+"""Instruction and response text of VITask (docs/method.md#prompts), after MedDr."""
 
 from __future__ import annotations
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from vitask_pl.models.vlm import VLM
+from vitask_pl.models.vitask_model import VITaskModel
 
 
 @torch.no_grad()
-def response_probabilities(vlm: VLM, loader, device="cpu") -> dict[str, torch.Tensor]:
+def response_probabilities(model: VITaskModel, loader, device="cpu") -> dict[str, torch.Tensor]:
     """Per sample, the mean over response tokens of p(y_t | image, prompt, y_<t) with its own image (``pos``)
     and with a different-label image of the same dataset (``neg``); batches must carry ``neg_pixel``."""
-    from vitask_pl.modules.vlm_parts import response_logits
-
     out = {"pos": [], "neg": [], "dataset": []}
     for batch in loader:
         batch = _to(batch, device)
         rows = {}
         for name, pixel in (("pos", batch["pixel"]), ("neg", batch["neg_pixel"])):
-            logits, targets, row_ids = response_logits(vlm, {**batch, "pixel": pixel}, vlm.image_features(pixel))
+            logits, targets, row_ids = model.plain(batch, pixel)
             p = torch.softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
             count = torch.zeros(len(batch["dataset"]), device=p.device).index_add_(0, row_ids, torch.ones_like(p))
             rows[name] = torch.zeros_like(count).index_add_(0, row_ids, p) / count.clamp_min(1)

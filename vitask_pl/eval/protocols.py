@@ -1,4 +1,4 @@
-"""Two ways to read a class off a generative VLM (README, "Method decisions").
+"""Two ways to read a class off a generative VLM (docs/method.md#evaluation).
 
 ``score``: the log-likelihood of every candidate response under the prompt, softmaxed over the candidates,
 gives class probabilities, hence ACC, macro-F1 and AUC. The image and instruction are encoded once per
@@ -48,10 +48,10 @@ def encode_prefix(vlm: VLM, batch: dict, exemplars: torch.Tensor | None = None) 
     length = int(batch["prompt_len"].max())
     ids = batch["input_ids"][:, :length]
     mask = (torch.arange(length, device=ids.device)[None] < batch["prompt_len"][:, None]).long()
-    view = {k: v[:, :length] for k, v in batch.items() if k in ("mm_token_type_ids",)} | {"pixel": batch["pixel"]}
     slots = batch["exemplar_mask"][:, :length] if exemplars is not None else None
     embeds = vlm.embed(ids, vlm.image_features(batch["pixel"]), slots, exemplars)
-    positions = vlm.positions(ids, mask, view)
+    types = batch["mm_token_type_ids"][:, :length] if "mm_token_type_ids" in batch else None
+    positions = vlm.positions(ids, mask, types, batch["pixel"].get("image_grid_thw"))
     hidden, cache = vlm.decode(embeds, mask, positions, use_cache=True)
     last = batch["prompt_len"] - 1
     rows = torch.arange(len(last), device=ids.device)
@@ -120,7 +120,7 @@ def score_to_probs(
     """``(B, C)`` candidate log-likelihoods -> ``(B, K)`` joint-space probabilities (softmax over candidates).
 
     Multi-label ChestMNIST: candidates are the 14 findings and ``no finding``; a finding's probability is its
-    candidate's share, which ranks findings for AUC (single-finding answers: see the README's protocol notes).
+    candidate's share, which ranks findings for AUC (single-finding answers: see docs/method.md#chestmnist).
     """
     probs = F.softmax(loglik.float().masked_fill(~valid, float("-inf")), dim=1)
     out = torch.zeros(len(dataset), joint_width(specs), device=probs.device)

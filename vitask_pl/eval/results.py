@@ -30,14 +30,38 @@ def write_json(path: Path, payload: dict) -> Path:
     return write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
-def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
-    """A fixed-width text table: one row per dataset, then ``avg``."""
-    columns = [c for c in ("acc", "f1", "auc", "exact_match", "invalid") if any(c in r for r in results.values())]
-    lines = [title] if title else []
-    lines.append(f"{'dataset':<16}" + "".join(f"{c:>12}" for c in columns) + f"{'n':>8}")
-    for name, row in results.items():
-        cells = "".join(f"{row[c]:>12.4f}" if c in row else f"{'':>12}" for c in columns)
-        lines.append(f"{name:<16}{cells}{int(row.get('n', 0)):>8}")
+# Column labels, in order; f1 is the macro average (eval/metrics.py), exact_match and invalid are generation's.
+LABELS = {"acc": "ACC", "f1": "F1", "auc": "AUC", "exact_match": "EM", "invalid": "invalid"}
+
+
+def _width(metric: str) -> int:
+    return max(len(LABELS[metric]), 5) + 2  # "0.123" and two spaces
+
+
+def format_table(results: dict) -> str:
+    """One compact table of possibly nested results: a row per dataset then ``avg``, a column group per mode and
+    protocol (ACC, macro-F1, AUC, ...) at 3 decimals, ``n`` last."""
+    groups = []  # (title, {dataset: {metric: v}}, its metrics, its width)
+    for title, table in tables(results):
+        metrics = [m for m in LABELS if any(m in row for row in table.values())]
+        # two more spaces between groups, so a group's title reads as its columns'
+        groups.append((title, table, metrics, max(sum(map(_width, metrics)), len(title) + 1) + 2))
+    names = [n for n in groups[0][1] if n != "avg"] + ["avg"]
+    first = max(len(n) for n in [*names, "dataset"]) + 2
+
+    def line(label: str, cells: list[list[str]], n: str) -> str:
+        text = "".join(
+            "".join(f"{c:>{_width(m)}}" for c, m in zip(texts, metrics)).rjust(span)
+            for texts, (_, _, metrics, span) in zip(cells, groups)
+        )
+        return f"{label:<{first}}{text}{n:>7}"
+
+    lines = [" " * first + "".join(f"{t:>{span}}" for t, _, _, span in groups)] if groups[0][0] else []
+    lines.append(line("dataset", [[LABELS[m] for m in metrics] for _, _, metrics, _ in groups], "n"))
+    for name in names:
+        rows = [table.get(name, {}) for _, table, _, _ in groups]
+        cells = [[f"{row[m]:.3f}" if m in row else "" for m in g[2]] for row, g in zip(rows, groups)]
+        lines.append(line(name, cells, str(next((int(r["n"]) for r in rows if "n" in r), ""))))
     return "\n".join(lines)
 
 
@@ -49,12 +73,11 @@ def tables(results: dict, title: str = "") -> list[tuple[str, dict]]:
 
 
 def publish(trainer: L.Trainer, results: dict, filename: str = "metrics.json") -> Path | None:
-    """Write ``metrics.json`` on rank 0 and print each result table."""
+    """Write ``metrics.json`` on rank 0 and print its one table (the test subcommand leaves out Lightning's)."""
     if not trainer.is_global_zero:
         return None
     path = write_json(log_dir(trainer) / filename, results)
-    for title, table in tables(results):
-        print(format_table(table, title=title))
+    print(format_table(results))
     print(f"metrics written to {path}")
     return path
 

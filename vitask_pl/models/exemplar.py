@@ -1,11 +1,11 @@
-"""Exemplar prompting: the TSM connector and the exemplar slots in the token sequence (README, "Method decisions")."""
+"""Exemplar prompting: the TSM connector and the exemplar slots in the token sequence (docs/method.md#ep)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vitask_pl.models.vlm import IGNORE
+from vitask_pl.data.collate import IGNORE
 
 
 class TSMConnector(nn.Module):

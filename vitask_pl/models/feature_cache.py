@@ -1,4 +1,4 @@
-"""TSM features computed once per split and reused by every VITask step (README, "Method decisions").
+"""TSM features computed once per split and reused by every VITask step (docs/method.md#tsm).
 
 The TSM is frozen, so its features are a pure function of (TSM checkpoint, image, eval transform). They are
 stored per dataset split under ``{cache_dir}/{checkpoint sha256[:16]}/{flag}_{size}px_{split}_{kind}_{source}.pt``,

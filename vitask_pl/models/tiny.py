@@ -18,8 +18,8 @@ from pathlib import Path
 
 from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
 from vitask_pl.errors import ConfigError, suggest
+from vitask_pl.models.families import FAMILY_NAMES
 
-FAMILIES = ("internvl", "llava", "qwen2_vl", "idefics3")
 TINY_PREFIX = "tiny:"
 VERSION = "v3"
 # `tiny:<family>` specs get this much text-only warm-up (see _pretrain_text); `vitask tiny-vlm` defaults to none.
@@ -366,8 +366,8 @@ RECIPES: dict[str, _Recipe] = {
 def _recipe(family: str, option: str = "--family") -> _Recipe:
     if family not in RECIPES:
         raise ConfigError(
-            f"{option}: unknown tiny VLM family {family!r}{suggest(family, FAMILIES)}; "
-            f"valid families: {', '.join(FAMILIES)}."
+            f"{option}: unknown tiny VLM family {family!r}{suggest(family, FAMILY_NAMES)}; "
+            f"valid families: {', '.join(FAMILY_NAMES)}."
         )
     return RECIPES[family]
 
@@ -459,7 +459,7 @@ def _pretrain_text(model, processor, steps: int, seed: int) -> None:
 
     from vitask_pl.data.catalog import FLAGS, dataset_specs
     from vitask_pl.data.prompts import candidate_responses, instruction
-    from vitask_pl.models.vlm import family_of
+    from vitask_pl.models.families import family_of
 
     texts = []
     for spec in dataset_specs(FLAGS):
@@ -554,8 +554,13 @@ def _build(build: Build, out: Path, replace: bool) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling(out, "tmp")
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
+    import torch
+
     try:
-        name, n_params = _write(build, tmp)
+        # The build seeds torch itself; forking keeps the caller's RNG as it was, so a run that builds its tiny
+        # model on first use draws the same LoRA and connector weights as a run that finds it cached.
+        with torch.random.fork_rng(devices=[]):
+            name, n_params = _write(build, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

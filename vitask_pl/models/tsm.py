@@ -101,14 +101,16 @@ def load_tsm(path: str, *, option: str = "--model.init_args.tsm_ckpt") -> tuple[
 
     Loaded with ``weights_only=True``: a checkpoint is data, never code.
     """
-    from vitask_pl.fingerprint import STAGE_NAMES, load, read
+    from vitask_pl.fingerprint import load, read
+    from vitask_pl.stages import BY_CLASS, STAGES
 
-    ckpt = load(path, option, "`vitask fit --config configs/tsm.yaml` (offline: add --config configs/offline/tsm.yaml)")
+    tsm = STAGES["tsm"]
+    ckpt = load(path, option, f"`{tsm.command}`")
     stage = read(ckpt, path, option).get("stage")
-    if stage != "TSMModule":
+    if stage != tsm.class_name:
+        what = BY_CLASS[stage].title if stage in BY_CLASS else stage
         raise ConfigError(
-            f"{option}: {path} is a checkpoint of {STAGE_NAMES.get(stage, stage)}, not of the TSM stage; "
-            f"pass the checkpoint of `vitask fit --config configs/tsm.yaml`."
+            f"{option}: {path} is a checkpoint of {what}, not of the TSM stage; pass the checkpoint of `{tsm.command}`."
         )
     hp = ckpt.get("hyper_parameters", {})
     if "backbone" not in hp or not any(k.startswith("tsm.") for k in ckpt.get("state_dict", {})):

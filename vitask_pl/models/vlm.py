@@ -17,40 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitask_pl.data.collate import IGNORE
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    vision: str  # vision encoder under model.model (frozen)
-    projector: str | None  # the VLM's own vision->text projector (frozen); Qwen2-VL's merger sits inside `visual`
-    language: str  # decoder under model.model; LoRA goes here only
-
-
-FAMILIES = (
-    Family("internvl", ("internvl",), "vision_tower", "multi_modal_projector", "language_model"),
-    Family("llava", ("llava", "llava_next"), "vision_tower", "multi_modal_projector", "language_model"),
-    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "visual", None, "language_model"),
-    Family("idefics3", ("idefics3", "smolvlm"), "vision_model", "connector", "text_model"),
-)
-MODEL_TYPES = {t: f for f in FAMILIES for t in f.model_types}
-
-
-def family_of(model_type: str, option: str = "--model.init_args.vlm") -> Family:
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(
-            f"{option}: model type {model_type!r} is not supported; supported families: "
-            + "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
-            + "."
-        )
-    return MODEL_TYPES[model_type]
+from vitask_pl.models.families import Family, family_of
 
 
 @dataclass
 class LoraSettings:
-    """LoRA on the language model's linear layers (README, "Method decisions").
+    """LoRA on the language model's linear layers (docs/method.md#lora).
 
     Args:
         r: rank.
@@ -134,7 +108,7 @@ def load_vlm(
     if getattr(processor, "image_token", None) is None and getattr(config, "image_token_id", None) is None:
         raise ConfigError(f"{option}: the processor of {spec} defines no image token, so images cannot be placed.")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"--model.init_args.dtype: {dtype!r}; use auto, float32, bfloat16 or float16.")
+        raise ConfigError(f"--model.init_args.vlm_options.dtype: {dtype!r}; use auto, float32, bfloat16 or float16.")
     with _load_bar_on_terminal_only():
         model = AutoModelForImageTextToText.from_pretrained(
             source,
@@ -274,13 +248,20 @@ class VLM(nn.Module):
             embeds = embeds.masked_scatter(exemplar_mask[..., None], exemplars.to(embeds.dtype))
         return embeds
 
-    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Position ids: Qwen2-VL's 3-D M-RoPE ``(3, B, L)``, else ``(B, L)`` counting real tokens only."""
+    def positions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Position ids: Qwen2-VL's 3-D M-RoPE ``(3, B, L)`` (from its token types and image grids), else
+        ``(B, L)`` counting real tokens only."""
         if self.family.name == "qwen2_vl":
             positions, _ = self.model.model.get_rope_index(
                 input_ids,
-                mm_token_type_ids=batch["mm_token_type_ids"],
-                image_grid_thw=batch["pixel"]["image_grid_thw"],
+                mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
                 attention_mask=attention_mask,
             )
             return positions
@@ -300,9 +281,6 @@ class VLM(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head, applied only to the rows given (response positions), never to the whole sequence."""
         return self.model.get_output_embeddings()(hidden)
-
-
-IGNORE = -100
 
 
 def gather_response(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ class ExemplarSource(nn.Module):
     ):
         super().__init__()
         if kind not in FEATURE_KINDS:
-            raise ConfigError(f"--model.init_args.feature_kind: {kind!r}; use one of {list(FEATURE_KINDS)}.")
+            raise ConfigError(f"--model.init_args.exemplar.feature_kind: {kind!r}; use one of {list(FEATURE_KINDS)}.")
         tsm, hp = load_tsm(tsm_ckpt)
         trained_on = list(hp["datasets"])
         unseen = [s.flag for s in specs if s.flag not in trained_on]

@@ -1,4 +1,4 @@
-"""Stage 0: train the task-specific model jointly over the selected datasets (README, "Method decisions")."""
+"""Stage 0: train the task-specific model jointly over the selected datasets (docs/method.md#tsm)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ class TSMModule(L.LightningModule):
         self.optimizer, self.scheduler, self.warmup_ratio = optimizer, scheduler, warmup_ratio
         self.collate = ImageBatch(self.specs)
         self.val_metrics, self.test_metrics = PerDatasetMetrics(self.specs), PerDatasetMetrics(self.specs)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            datamodule.connect(self.collate)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> joint logits ``(B, K)``."""
