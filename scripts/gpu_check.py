@@ -7,7 +7,9 @@ Everything is offline and tiny: synthetic MedMNIST files, an untrained tiny-ViT 
 ~/.cache/vitask/tiny on first use), a stage-1 checkpoint trained here for a few steps. Per variant it prints the
 median step time after warm-up, the peak CUDA memory, the losses and the size of the saved checkpoint; then the
 DeepSpeed checkpoint round trip (resume, conversion to one file, a DeepSpeed stage 1 as stage 2's init_from) and
-`vitask_pl.bench.bench` for the side-by-side ratios. Output goes to stdout and, when $OUT is set, to
+`vitask_pl.bench.bench` for the side-by-side ratios, and on CUDA `bench(preset="real")`: InternVL3-2B's shapes
+(random weights, no download) in bf16, vanilla and stage 2 with and without prefix sharing, each with its MFU
+against the H100/H200 dense bf16 peak (989 TFLOPS). Output goes to stdout and, when $OUT is set, to
 $OUT/gpu_check.log. Exit status 1 when any check failed, 2 when a required package is missing.
 """
 
@@ -412,6 +414,12 @@ def main() -> None:
         from vitask_pl.bench import bench
 
         bench(device=accelerator, steps=args.bench_steps or (1 if args.cpu else 5))
+
+    if not args.cpu:  # InternVL3-2B's shapes in bf16, with and without prefix sharing, MFU against the dense peak
+        with check("vitask bench --preset real (bf16)"):
+            from vitask_pl.bench import bench
+
+            bench(preset="real", device=accelerator, steps=args.bench_steps or 3, batch_size=4, peak_tflops=989.0)
 
     print(
         f"\ngpu_check: {len(FAILED)} failed{': ' + '; '.join(FAILED) if FAILED else ''}; "

@@ -211,6 +211,7 @@ CASES = [
     case("lora-targets-match-nothing", fit("vanilla", "--model.init_args.lora.targets", "[qkv]"), "--model.init_args.lora.targets", "'qkv'", "q_proj"),
     case("lora-regex-outside-llm", fit("vanilla", "--model.init_args.lora.target_regex", ".*"), "--model.init_args.lora.target_regex", "'.*'", "vision"),
     case("protocol-unknown", fit("vanilla", "--model.init_args.evaluation.val_protocols", "[scor]"), "--model.init_args.evaluation.val_protocols", "'scor'", "'score'"),
+    case("prefix-sharing-with-checkpointing", fit("rda_crt", "--model.init_args.vlm_options.prefix_sharing", "true", "--model.init_args.vlm_options.gradient_checkpointing", "true"), "--model.init_args.vlm_options.prefix_sharing", "gradient checkpointing", "prefix_sharing: false"),
     case("max-length-too-small", fit("vanilla", "--model.init_args.vlm_options.max_length", "8"), "--model.init_args.vlm_options.max_length", "--model.init_args.vlm_options.max_length: 8 "),
     case("feature-kind", fit("ep", "--model.init_args.exemplar.feature_kind", "cls"), "--model.init_args.exemplar.feature_kind", "'cls'", "'pooled'"),
     case("exemplar-tokens-0", fit("ep", "--model.init_args.exemplar.tokens", "0"), "--model.init_args.exemplar.tokens", "--model.init_args.exemplar.tokens: 0;"),

@@ -1,26 +1,63 @@
-"""`vitask bench` (README, "Benchmark") runs end to end on a tiny model and prints its side-by-side ratios."""
+"""`vitask bench` (README, "Benchmark") runs end to end and prints its side-by-side ratios and FLOP columns."""
 
 import math
+import re
+
+import pytest
 
 from vitask_pl.cli import main
 
+VARIANTS = (
+    "vanilla, response-only logits",
+    "vanilla, full logits",
+    "stage 2, fused views",
+    "stage 2, shared prefix",
+    "stage 2, three forwards",
+)
+RATIOS = (
+    "stage-2 fused / vanilla, time",
+    "stage-2 shared prefix / vanilla, time",
+    "stage-2 shared prefix / vanilla, memory",
+    "three forwards / fused, memory",
+    "score / generate throughput",
+)
+
+
+def bench(capsys, *argv) -> str:
+    main(["bench", "--steps", "1", "--batch_size", "2", "--datasets", '["dermamnist", "pneumoniamnist"]', *argv])
+    return capsys.readouterr().out
+
+
+def check(out: str) -> None:
+    rows = out.splitlines()
+    for name in VARIANTS:  # ms/step, memory, GFLOP, time x, FLOP x, time/FLOP: all finite and positive
+        cells = next(r for r in rows if r.startswith(name))[len(name) :].split()
+        assert len(cells) == 6 and all(math.isfinite(float(c)) and float(c) > 0 for c in cells), (name, cells)
+    assert "ratios (same process, same batch):" in out
+    for line in RATIOS:
+        value = next(row for row in rows if row.strip().startswith(line)).split()[-1]
+        assert math.isfinite(float(value)) and float(value) > 0, (line, value)
+
 
 def test_bench_runs_through_the_cli_and_prints_every_ratio(tiny_dirs, capsys):
-    main(
-        [
-            "bench",
-            "--vlm",
-            tiny_dirs["internvl"],
-            "--steps",
-            "1",
-            "--batch_size",
-            "2",
-            "--datasets",
-            '["dermamnist", "pneumoniamnist"]',
-        ]
-    )
-    out = capsys.readouterr().out
-    assert "ratios (same process, same batch):" in out
-    for line in ("stage-2 fused / vanilla, time", "three forwards / fused, memory", "score / generate throughput"):
-        value = next(row for row in out.splitlines() if row.strip().startswith(line)).split()[-1]
-        assert math.isfinite(float(value)) and float(value) > 0, (line, value)
+    check(bench(capsys, "--vlm", tiny_dirs["internvl"]))
+
+
+@pytest.mark.slow
+def test_proportional_preset_has_the_real_sequence_structure(capsys):
+    out = bench(capsys, "--preset", "proportional")
+    check(out)
+    header = re.search(r"sequence (\d+) tokens \((\d+) image, shared prefix (\d+), .*vocab ([\d,]+)", out)
+    assert header, out
+    length, image, prefix, vocab = int(header[1]), int(header[2]), int(header[3]), int(header[4].replace(",", ""))
+    assert image == 256 and vocab == 32768 and image < prefix < length  # the image is most of the sequence
+
+
+def test_unknown_preset_is_one_line(capsys):
+    code = 0
+    try:
+        main(["bench", "--preset", "huge"])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "--preset: 'huge'" in err and "proportional" in err

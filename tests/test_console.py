@@ -22,6 +22,7 @@ NOISE = [
     "💡 Tip: For seamless cloud logging",
     "`isinstance(treespec, LeafSpec)` is deprecated",
     "module(s) in eval mode",
+    "predict returned None if it was on purpose",
     "Test metric",  # the header of Lightning's own test table
 ]
 
@@ -45,6 +46,7 @@ def test_known_noise_is_dropped_and_a_real_warning_still_shows():
                 rank_zero_warn("Found 79 module(s) in eval mode at the start of training. This may lead to ...")
                 warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
                 rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing ...")
+                rank_zero_warn("predict returned None if it was on purpose, ignore this warning...")
                 rank_zero_warn("Found 3 NaN values in the batch")  # same library, same words nearby: a real one
                 rank_zero_info("Restoring states from the checkpoint path at x.ckpt")
             rank_zero_info("💡 Tip: For seamless cloud logging, outside the block")  # the filter went with it

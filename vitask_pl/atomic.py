@@ -19,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from vitask_pl.errors import ConfigError
+from vitask_pl.fingerprint import load
 
 TMP = ".tmp"  # the marker in every temporary name atomic_path makes: `.{stem}.{pid}.tmp{suffix}`
 
@@ -111,6 +112,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
-        from vitask_pl.fingerprint import load
 
         return load(path, "--ckpt_path")

@@ -86,48 +86,70 @@ def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
 
 def bench(
     family: str = "internvl",
+    preset: str = "tiny",
     batch_size: int = 8,
     steps: int = 5,
     image_size: int = 28,
     datasets: list[str] | None = None,
     device: str = "auto",
     vlm: str | None = None,
+    peak_tflops: float | None = None,
 ) -> dict:
-    """Print step time and peak memory ratios of the VITask training and evaluation variants.
+    """Print step time, memory and FLOPs of the VITask training and evaluation variants, side by side.
 
     Args:
-        family: tiny model family when ``vlm`` is not given.
+        family: tiny model family (``preset: tiny``, no ``vlm``).
+        preset: ``tiny`` (the test models: 4 image tokens, a ~900-token vocabulary), ``proportional`` (256 image
+            tokens at 448 px, a 32k vocabulary, narrow enough for a CPU) or ``real`` (InternVL3-2B's sizes,
+            random weights; for the GPU). See vitask_pl/models/shapes.py for the exact shapes.
         batch_size: samples per step.
         steps: timed repetitions per variant (the median is reported).
-        image_size: image size (synthetic data and tiny model).
+        image_size: image size of the tiny model and of the synthetic data (presets: the data's; the model
+            resizes to 448 px).
         datasets: MedMNIST flags to draw the batch from.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        vlm: a VLM spec (hub id, directory, ``tiny:<family>``) instead of the tiny ``family``.
+        vlm: a VLM spec (hub id, directory, ``tiny:<family>``) instead of ``family`` / ``preset``.
+        peak_tflops: the chip's dense bf16 peak (H100/H200 SXM: 989); adds each training variant's MFU, the
+            model FLOPs of vitask_pl/flops.py per second over that peak.
     """
+    from vitask_pl.errors import ConfigError
+    from vitask_pl.models.shapes import SHAPES
 
+    if preset != "tiny" and preset not in SHAPES:
+        raise ConfigError(f"--preset: {preset!r}; use tiny, {', '.join(SHAPES)}.")
     flags = datasets or ["dermamnist", "chestmnist", "bloodmnist", "pneumoniamnist"]
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    with tempfile.TemporaryDirectory(prefix="vitask-bench-") as tmp:  # data and TSM checkpoint of this run only
-        return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm)
+    with tempfile.TemporaryDirectory(prefix="vitask-bench-") as tmp:  # data, TSM and model of this run only
+        if preset != "tiny" and vlm is None:
+            from vitask_pl.models.shapes import build_shaped, describe
+
+            print(f"vitask bench — building {describe(preset)}")
+            vlm = build_shaped(preset, str(Path(tmp) / preset))
+            image_size = max(image_size, 224)  # the processor resizes to the preset's 448 px
+        return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm, peak_tflops)
 
 
-def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int, flags: list[str], dev, vlm) -> dict:
+def _bench(
+    tmp: Path, family: str, batch_size: int, steps: int, image_size: int, flags: list[str], dev, vlm, peak_tflops
+) -> dict:
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.data.synth import synthesize
     from vitask_pl.eval.protocols import candidate_loglik, encode_prefix, greedy_generate
-    from vitask_pl.modules.settings import ExemplarSettings
+    from vitask_pl.flops import counts, step_flops
     from vitask_pl.modules.vitask import ExemplarPromptTuning
 
     synthesize(tmp, flags, image_size, per_class=4, seed=0)
     dm = MedMNISTDataModule(str(tmp), flags, image_size, num_workers=0)
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
     module = ExemplarPromptTuning(
         tsm_ckpt=_tiny_tsm_checkpoint(tmp / "tsm.ckpt", flags, image_size),
         vlm=vlm or f"tiny:{family}",
         datasets=flags,
         image_size=image_size,
-        exemplar=ExemplarSettings(feature_cache=False),
+        exemplar={"feature_cache": False},
+        vlm_options={"dtype": dtype},
     ).to(dev)
     model, v, pad_id = module.model, module.model.vlm, module.collate.pad_id
     ds = dm.dataset("train", negatives=True)
@@ -138,6 +160,7 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
         return {k: to_dev(t) for k, t in x.items()} if isinstance(x, dict) else (x.to(dev) if torch.is_tensor(x) else x)
 
     batch = to_dev(batch)
+    features = model.source.features(batch, "train")
 
     def backward(loss):
         loss.backward()
@@ -163,12 +186,15 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
             + crt(views["plain"], views["neg"], targets)
         )
 
-    def stage2_fused():
-        views = model.fused_views(batch, model.source.features(batch, "train"), pad_id, negatives=True)
-        backward(stage2_terms(views, views["targets"]))
+    def stage2(prefix_sharing: bool):
+        def step():
+            views = model.fused_views(batch, features, pad_id, negatives=True, prefix_sharing=prefix_sharing)
+            backward(stage2_terms(views, views["targets"]))
+
+        return step
 
     def stage2_separate():  # three forwards, each running the vision tower on its own images
-        ep_logits, targets, _ = model.ep(batch, model.source.features(batch, "train"), pad_id)
+        ep_logits, targets, _ = model.ep(batch, features, pad_id)
         plain, _, _ = model.plain(batch)
         neg, _, _ = model.plain(batch, batch["neg_pixel"])
         backward(stage2_terms({"ep": ep_logits, "plain": plain, "neg": neg}, targets))
@@ -183,54 +209,87 @@ def _bench(tmp: Path, family: str, batch_size: int, steps: int, image_size: int,
 
     module.train()
     params = list(module.parameters())
-    results = {
-        name: measure(fn, dev, steps, params=params)
-        for name, fn in [
-            ("vanilla, response-only logits", vanilla_response_only),
-            ("vanilla, full logits", vanilla_full_logits),
-            ("stage 2, fused views", stage2_fused),
-            ("stage 2, three forwards", stage2_separate),
-        ]
+    training = {  # name -> (step, FLOP variant)
+        "vanilla, response-only logits": (vanilla_response_only, "vanilla"),
+        "vanilla, full logits": (vanilla_full_logits, "full"),
+        "stage 2, fused views": (stage2(False), "fused"),
+        "stage 2, shared prefix": (stage2(True), "shared"),
+        "stage 2, three forwards": (stage2_separate, "separate"),
     }
+    results = {name: measure(fn, dev, steps, params=params) for name, (fn, _) in training.items()}
     module.eval()
     results["eval score"] = measure(evaluate_score, dev, steps, params=params)
     results["eval generate"] = measure(evaluate_generate, dev, steps, params=params)
 
+    ids = batch["input_ids"]
+    is_image = ids == v.image_token_id
+    prefix = int(ids.shape[1] - is_image.flip(1).int().argmax(dim=1)[0])  # up to the last image token
+    c = counts(v, patches=_patches(v, batch))
+    slots = features.shape[1] if features.ndim == 3 else model.connector.num_tokens
+    flops = {
+        name: step_flops(c, batch, variant=variant, slots=slots, prefix=prefix)
+        for name, (_, variant) in training.items()
+    }
     n_tokens = int((batch["labels"] != -100).sum())
     print(
-        f"vitask bench — {vlm or 'tiny:' + family}, batch {batch_size}, {image_size} px, {dev.type}, "
-        f"sequence {batch['input_ids'].shape[1]} tokens ({n_tokens} response), vocab {v.head(torch.zeros(1, v.hidden_size, device=dev)).shape[-1]}"
+        f"vitask bench — {vlm or 'tiny:' + family}, batch {len(ids)}, {dev.type}, sequence {ids.shape[1]} tokens "
+        f"({int(is_image[0].sum())} image, shared prefix {prefix}, {n_tokens} response in all), vocab {c.vocab:,}"
     )
     memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
-    print(f"{'variant':<32}{'ms/step':>10}{memory:>11}")
-    for name, (sec, mib) in results.items():
-        print(f"{name:<32}{sec * 1e3:>10.1f}{mib:>11.2f}")
     base_t, base_m = results["vanilla, response-only logits"]
+    base_f = flops["vanilla, response-only logits"]
+    mfu_head = f"{'MFU':>7}" if peak_tflops else ""
+    print(
+        f"{'variant':<32}{'ms/step':>10}{memory:>11}{'GFLOP':>10}{'time x':>9}{'FLOP x':>9}{'time/FLOP':>11}{mfu_head}"
+    )
+    mfu = {}
+    for name, (sec, mib) in results.items():
+        row = f"{name:<32}{sec * 1e3:>10.1f}{mib:>11.2f}"
+        if name in flops:
+            t_ratio, f_ratio = sec / base_t, flops[name] / base_f
+            row += f"{flops[name] / 1e9:>10.3f}{t_ratio:>9.2f}{f_ratio:>9.2f}{t_ratio / f_ratio:>11.2f}"
+            if peak_tflops:
+                mfu[name] = flops[name] / sec / (peak_tflops * 1e12)
+                row += f"{mfu[name]:>7.1%}"
+        print(row)
 
     def ratio(a, b):
         return a / b if b > 0 else float("nan")
 
+    def of(name, i):
+        return results[name][i]
+
     lines = {
-        "full / response-only logits, time": ratio(results["vanilla, full logits"][0], base_t),
-        "full / response-only logits, memory": ratio(results["vanilla, full logits"][1], base_m),
-        "stage-2 fused / vanilla, time (target <= 2.5)": ratio(results["stage 2, fused views"][0], base_t),
-        "stage-2 fused / vanilla, memory": ratio(results["stage 2, fused views"][1], base_m),
-        "three forwards / fused, time": ratio(
-            results["stage 2, three forwards"][0], results["stage 2, fused views"][0]
-        ),
-        "three forwards / fused, memory": ratio(
-            results["stage 2, three forwards"][1], results["stage 2, fused views"][1]
-        ),
-        "score / generate throughput": ratio(results["eval generate"][0], results["eval score"][0]),
+        "full / response-only logits, time": ratio(of("vanilla, full logits", 0), base_t),
+        "full / response-only logits, memory": ratio(of("vanilla, full logits", 1), base_m),
+        "stage-2 fused / vanilla, time": ratio(of("stage 2, fused views", 0), base_t),
+        "stage-2 shared prefix / vanilla, time (target <= 2.4)": ratio(of("stage 2, shared prefix", 0), base_t),
+        "stage-2 fused / vanilla, memory": ratio(of("stage 2, fused views", 1), base_m),
+        "stage-2 shared prefix / vanilla, memory (target <= 2.5)": ratio(of("stage 2, shared prefix", 1), base_m),
+        "three forwards / fused, time": ratio(of("stage 2, three forwards", 0), of("stage 2, fused views", 0)),
+        "three forwards / fused, memory": ratio(of("stage 2, three forwards", 1), of("stage 2, fused views", 1)),
+        "score / generate throughput (target >= 2)": ratio(of("eval generate", 0), of("eval score", 0)),
     }
     print("ratios (same process, same batch):")
     for name, value in lines.items():
-        print(f"  {name:<48}{value:>8.2f}")
+        print(f"  {name:<56}{value:>8.2f}")
     return {
         "ms": {k: t * 1e3 for k, (t, _) in results.items()},
         "mib": {k: m for k, (_, m) in results.items()},
+        "gflop": {k: f / 1e9 for k, f in flops.items()},
+        "mfu": mfu,
         "ratios": lines,
     }
+
+
+def _patches(v, batch: dict) -> int:
+    """Vision-tower tokens per image: Qwen2-VL's flat patch rows, else (side / patch size) squared."""
+    pixels = batch["pixel"]["pixel_values"]
+    if pixels.ndim == 2:  # Qwen2-VL: (patches in the batch, channels * patch * patch)
+        return pixels.shape[0] // len(batch["input_ids"])
+    patch = v.model.config.vision_config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return (pixels.shape[-1] // patch) ** 2 * (pixels.shape[1] if pixels.ndim == 5 else 1)
 
 
 def _mrope(batch: dict) -> tuple:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import torch
 
+from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
 from vitask_pl.errors import ConfigError
+from vitask_pl.fingerprint import load, read
+from vitask_pl.models.feature_cache import file_sha256
 from vitask_pl.models.vitask_model import ADAPTER_PREFIX as CONNECTOR_PREFIX
+from vitask_pl.models.vlm import LoraSettings, load_vlm, lora_target_names, resolve_source
 from vitask_pl.stages import STAGES, VLM_STAGES
 
 VANILLA = STAGES["vanilla"].module
@@ -29,7 +33,6 @@ STAGE_CKPT = (
 
 def read_checkpoint(path: str) -> tuple[dict, str]:
     """A VLM stage checkpoint (``weights_only``: data, never code) and the module class its record names."""
-    from vitask_pl.fingerprint import load, read
 
     if Path(path).expanduser().is_dir():
         raise ConfigError(f"CKPT: {path} is a directory, not a checkpoint file; pass {STAGE_CKPT}.")
@@ -139,9 +142,6 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
-    from vitask_pl.models.feature_cache import file_sha256
-    from vitask_pl.models.vlm import LoraSettings, load_vlm, lora_target_names, resolve_source
-
     hp = checkpoint["hyper_parameters"]
     options = hp.get("vlm_options") or {}
     settings = LoraSettings(**(hp.get("lora") or {}))
@@ -216,7 +216,6 @@ def export(ckpt: str, *, out: str, merge: bool = False, force: bool = False) -> 
     Returns:
         The folder written.
     """
-    from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
 
     checkpoint, cls = read_checkpoint(ckpt)
     target = Path(out).expanduser()

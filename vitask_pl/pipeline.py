@@ -14,8 +14,16 @@ import time
 from pathlib import Path
 
 from vitask_pl.atomic import save_torch, write_text
+from vitask_pl.cli import build_cli
+from vitask_pl.data.catalog import FLAGS
+from vitask_pl.data.files import npz_path
+from vitask_pl.data.synth import synthesize
 from vitask_pl.errors import ConfigError
+from vitask_pl.eval.contrast import response_probabilities
+from vitask_pl.eval.probe import pixels, probe_table, vlm_image_features
+from vitask_pl.fingerprint import check, load
 from vitask_pl.guards import last_checkpoints
+from vitask_pl.report import report
 from vitask_pl.stages import STAGES
 
 # Each run of the pipeline is one stage of vitask_pl.stages (its config) with overrides, and its evaluations.
@@ -54,7 +62,6 @@ def cli_args(overrides: dict) -> list[str]:
 
 
 def _run(args: list[str], run: bool = True):
-    from vitask_pl.cli import build_cli
 
     return build_cli(args, run=run)
 
@@ -116,14 +123,12 @@ def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict
 
 def _steps(ckpt: str) -> int:
     """The optimizer steps that produced ``ckpt``."""
-    from vitask_pl.fingerprint import load
 
     return int(load(ckpt, "checkpoint", mmap=True)["global_step"])
 
 
 def run_probes(seed_dir: Path, config_args: list[str], overrides: dict) -> dict:
     """Linear-probe ceilings of the baseline's data and VLM: frozen image features and pixels (``probes.json``)."""
-    from vitask_pl.eval.probe import pixels, probe_table, vlm_image_features
 
     out = seed_dir / "probe" / "probes.json"
     if out.is_file():
@@ -148,8 +153,6 @@ def run_probes(seed_dir: Path, config_args: list[str], overrides: dict) -> dict:
 
 def _contrast(base: list[str], ckpt: str) -> dict:
     """Fig. 3 data: per-sample mean response-token probability with the own vs a different-label image."""
-    from vitask_pl.eval.contrast import response_probabilities
-    from vitask_pl.fingerprint import check, load
 
     built = _run(base, run=False)
     module, datamodule = built.model, built.datamodule
@@ -205,7 +208,6 @@ def pipeline(
         seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
         seed: first seed.
     """
-    from vitask_pl.report import report
 
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds}; use 1 or more.")
@@ -268,9 +270,6 @@ def pipeline(
 
 
 def _ensure_synthetic(root: str = "data/synthetic", per_class: int = 30, size: int = 28, seed: int = 0) -> None:
-    from vitask_pl.data.catalog import FLAGS
-    from vitask_pl.data.files import npz_path
-    from vitask_pl.data.synth import synthesize
 
     missing = [f for f in FLAGS if not npz_path(root, f, size).is_file()]
     if missing:

@@ -42,6 +42,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         incomplete_instruction: drop the label-set sentence from the instruction (robustness experiment).
         augment_shift: random translation in pixels for training images (0 = off). No flips (organ laterality).
         seed: seeds subsets, shuffling, negatives and augmentation.
+        memory_map: read images from a memory-mapped ``.npy`` conversion of each file, made once under the cache
+            (``$VITASK_CACHE/arrays``), so workers and ranks share the page cache and a process's memory does not
+            grow with the dataset; ``false`` reads each split whole into memory.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         incomplete_instruction: bool = False,
         augment_shift: int = 0,
         seed: int = 0,
+        memory_map: bool = True,
     ):
         super().__init__()
         root = str(root)  # hparams hold plain types, so checkpoints load with weights_only=True
@@ -87,6 +91,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.num_workers, self.max_samples = num_workers, max_samples
         self.sampling_weights, self.epoch_samples = sampling_weights, epoch_samples
         self.incomplete_instruction, self.augment_shift, self.seed = incomplete_instruction, augment_shift, seed
+        self.memory_map = memory_map
         self.splits: dict[str, list[Split]] = {}
         self.collate: Callable | None = None  # pushed in by the model (connect); loaders may also name their own
         self.negatives = False
@@ -105,7 +110,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         if split not in self.splits:
             loaded = []
             for d, spec in enumerate(self.specs):
-                part = load_split(self.root, spec, self.size, split)
+                part = load_split(self.root, spec, self.size, split, memory_map=self.memory_map)
                 if self.max_samples is not None and len(part.labels) > self.max_samples:
                     rng = np.random.default_rng([self.seed, d, SPLITS.index(split)])
                     keep = np.sort(rng.choice(len(part.labels), self.max_samples, replace=False))

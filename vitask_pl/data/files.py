@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitask_pl.data.arrays import mapped
 from vitask_pl.data.catalog import SPLITS, DatasetSpec, medmnist_info
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
 
@@ -76,15 +77,22 @@ def split_problems(spec: DatasetSpec, size: int, split: str, images, labels) -> 
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-def load_split(root: str | Path, spec: DatasetSpec, size: int, split: str) -> Split:
-    """Read and validate one split; raise a one-line error naming the file and the fix otherwise."""
+def load_split(root: str | Path, spec: DatasetSpec, size: int, split: str, *, memory_map: bool = False) -> Split:
+    """Read and validate one split; raise a one-line error naming the file and the fix otherwise.
+
+    ``memory_map``: the images as a read-only memory map of their one-time ``.npy`` conversion
+    (:mod:`vitask_pl.data.arrays`), read sample by sample, instead of a copy in this process's memory.
+    """
     path = npz_path(root, spec.flag, size)
     if not path.is_file():
         raise MissingFileError(missing_file_message(path, spec.flag, size))
     keys = (f"{split}_images", f"{split}_labels")
     try:
         with np.load(path) as npz:
-            present, arrays = npz.files, {k: npz[k] for k in keys if k in npz.files}
+            present = npz.files
+            arrays = {k: npz[k] for k in keys if k in present and not (memory_map and k == keys[0])}
+        if memory_map and keys[0] in present:
+            arrays[keys[0]] = mapped(path, keys[0])
     except UNREADABLE as err:
         raise ConfigError(
             f"--data.root: {path} is not a readable .npz ({type(err).__name__}: {err}); it may be "
@@ -105,8 +113,10 @@ def load_split(root: str | Path, spec: DatasetSpec, size: int, split: str) -> Sp
             f"--root {path.parent} --datasets '[{spec.flag}]' --size {size}`."
         )
     if images.ndim == 3:
-        images = images[..., None]
-    return Split(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))
+        images = images[..., None]  # a view: a memory map stays one
+    if not memory_map:
+        images = np.ascontiguousarray(images)
+    return Split(images=images, labels=labels.astype(np.int64))
 
 
 def official_md5(flag: str, size: int) -> str | None:

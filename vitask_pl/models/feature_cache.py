@@ -77,7 +77,7 @@ class FeatureCache:
             if digest.is_file() and digest.read_text().strip() == file_sha256(path):
                 return torch.load(path, map_location=device, weights_only=True)
             rank_zero_warn(f"feature cache entry {path} does not match its recorded hash; rebuilding it")
-        part = load_split(root, spec, size, split)
+        part = load_split(root, spec, size, split, memory_map=True)  # one pass: no copy of the split in memory
         dataset = JointDataset([spec], [part])
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, collate_fn=ImageBatch([spec]), generator=torch.Generator()

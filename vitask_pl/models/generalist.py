@@ -22,6 +22,9 @@ import time
 
 import numpy as np
 
+from vitask_pl.data.chat import ChatBatch, ChatTemplate
+from vitask_pl.data.generic import conversation, random_scene, render
+
 BATCH = 32
 LR = 2e-3
 WARMUP = 0.05  # fraction of steps
@@ -30,7 +33,6 @@ HELD_OUT = 200  # questions per task in the final check
 
 def _batches(steps: int, image_size: int, seed: int):
     """``(images, instructions, responses)`` of each step; pure in (seed, step)."""
-    from vitask_pl.data.generic import conversation, random_scene, render
 
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
@@ -43,8 +45,6 @@ def _batches(steps: int, image_size: int, seed: int):
 def pretrain(model, processor, *, steps: int, image_size: int, seed: int, held_out: int = HELD_OUT) -> dict:
     """Train every weight of ``model`` on ``steps`` batches of the generic corpus; returns the build's card."""
     import torch
-
-    from vitask_pl.data.chat import ChatBatch
 
     encoder = ChatBatch(processor, [])
     params = [p for p in model.parameters()]
@@ -100,9 +100,6 @@ def evaluate(model, processor, *, image_size: int, seed: int, n: int = HELD_OUT)
     are scored by exact match with no chance level (there are thousands of captions).
     """
     import torch
-
-    from vitask_pl.data.chat import ChatTemplate
-    from vitask_pl.data.generic import conversation, random_scene, render
 
     template = ChatTemplate(processor)
     tok = template.tokenizer

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitask_pl.atomic import is_nonempty, overwrite_error, publish_dir, sibling
+from vitask_pl.data.catalog import FLAGS, dataset_specs
+from vitask_pl.data.generic import corpus_texts
+from vitask_pl.data.prompts import candidate_responses, instruction
 from vitask_pl.errors import ConfigError, suggest
-from vitask_pl.models.families import FAMILY_NAMES
+from vitask_pl.models.families import FAMILY_NAMES, family_of
+from vitask_pl.models.generalist import pretrain
 
 TINY_PREFIX = "tiny:"
 VERSION = "v3"
@@ -46,6 +50,8 @@ class Dims:
     kv_heads: int = 2
     mlp: int = 128
     grid: int = 4
+    vision: Dims | None = None  # the vision tower's own sizes (its hidden, layers, heads, mlp); None: the above
+    vocab: int = 0  # pad the language model's vocabulary to this many rows (0: the tokenizer's size)
 
 
 RANDOM = Dims()  # `tiny:<family>`: random weights (plus a text warm-up), for the fast tests
@@ -160,7 +166,7 @@ class _Recipe:
 def _text_dims(tok, dims: Dims) -> dict:
     """Text-model sizes and token ids shared by all families."""
     return dict(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), dims.vocab),
         hidden_size=dims.hidden,
         intermediate_size=dims.mlp,
         num_hidden_layers=dims.layers,
@@ -174,11 +180,12 @@ def _text_dims(tok, dims: Dims) -> dict:
 
 
 def _vision_dims(image_size: int, dims: Dims) -> dict:
+    tower = dims.vision or dims
     return dict(
-        hidden_size=dims.hidden,
-        intermediate_size=dims.mlp,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
+        hidden_size=tower.hidden,
+        intermediate_size=tower.mlp,
+        num_hidden_layers=tower.layers,
+        num_attention_heads=tower.heads,
         image_size=image_size,
         patch_size=image_size // dims.grid,
     )
@@ -391,11 +398,7 @@ def _corpus(generalist: bool = False) -> list[str]:
     MedMNIST text reaches its tokenizer or its weights.
     """
     if generalist:
-        from vitask_pl.data.generic import corpus_texts
-
         return [*CHAT_WORDS[:10], *corpus_texts()]  # roles and the system prompt, not the MedMNIST lines
-    from vitask_pl.data.catalog import FLAGS, dataset_specs
-    from vitask_pl.data.prompts import candidate_responses, instruction
 
     texts = list(CHAT_WORDS)
     for spec in dataset_specs(FLAGS):
@@ -457,10 +460,6 @@ def _pretrain_text(model, processor, steps: int, seed: int) -> None:
     """
     import torch
 
-    from vitask_pl.data.catalog import FLAGS, dataset_specs
-    from vitask_pl.data.prompts import candidate_responses, instruction
-    from vitask_pl.models.families import family_of
-
     texts = []
     for spec in dataset_specs(FLAGS):
         for incomplete in (False, True):
@@ -501,9 +500,12 @@ class Build:
     pretrain_steps: int = 0  # text-only warm-up (random tiny models)
     generalist_steps: int = 0  # generic image-text pretraining of every weight (0: not a generalist)
     held_out: int = 200  # generalist: held-out questions per task in the final check (generalist.json)
+    shape: Dims | None = None  # other sizes than the tiny ones (the bench's presets, vitask_pl/models/shapes.py)
 
     @property
     def dims(self) -> Dims:
+        if self.shape is not None:
+            return self.shape
         return GENERALIST if self.generalist_steps else RANDOM
 
     def describe(self) -> str:
@@ -527,8 +529,6 @@ def _write(build: Build, out: Path) -> tuple[str, int]:
         _pretrain_text(model, processor, build.pretrain_steps, build.seed)
     card = None
     if build.generalist_steps:
-        from vitask_pl.models.generalist import pretrain
-
         card = pretrain(
             model,
             processor,
@@ -582,13 +582,14 @@ def build_tiny_vlm(
     pretrain_steps: int = 0,
     generalist_steps: int = 0,
     held_out: int = 200,
+    shape: Dims | None = None,
 ) -> str:
     """Build a tiny ``family`` VLM and save it to ``out``; returns ``out``.
 
     ``pretrain_steps`` > 0 warms a random model's language model up on the prompt text (:func:`_pretrain_text`);
     ``generalist_steps`` > 0 builds the generalist instead (:func:`vitask_pl.models.generalist.pretrain`).
     """
-    build = Build(family, image_size, seed, pretrain_steps, generalist_steps, held_out)
+    build = Build(family, image_size, seed, pretrain_steps, generalist_steps, held_out, shape)
     _check(build.family, build.image_size, build.dims)
     path = Path(out).expanduser()
     if is_nonempty(path) and not force:

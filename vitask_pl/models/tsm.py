@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitask_pl.errors import ConfigError, OfflineError, suggest
+from vitask_pl.atomic import save_torch
+from vitask_pl.data.catalog import SPLITS, check_size
+from vitask_pl.data.collate import ImageBatch
+from vitask_pl.data.datamodule import MedMNISTDataModule
+from vitask_pl.data.files import missing_file_message, npz_path
+from vitask_pl.errors import ConfigError, MissingFileError, OfflineError, suggest
+from vitask_pl.fingerprint import load, read
+from vitask_pl.stages import BY_CLASS, STAGES
 
 FEATURE_KINDS = ("pooled", "patch")
 
@@ -101,8 +108,6 @@ def load_tsm(path: str, *, option: str = "--model.init_args.tsm_ckpt") -> tuple[
 
     Loaded with ``weights_only=True``: a checkpoint is data, never code.
     """
-    from vitask_pl.fingerprint import load, read
-    from vitask_pl.stages import BY_CLASS, STAGES
 
     tsm = STAGES["tsm"]
     ckpt = load(path, option, f"`{tsm.command}`")
@@ -156,13 +161,6 @@ def export_features(
         batch_size: images per forward.
     """
     from pathlib import Path
-
-    from vitask_pl.atomic import save_torch
-    from vitask_pl.data.catalog import SPLITS, check_size
-    from vitask_pl.data.collate import ImageBatch
-    from vitask_pl.data.datamodule import MedMNISTDataModule
-    from vitask_pl.data.files import missing_file_message, npz_path
-    from vitask_pl.errors import MissingFileError
 
     if Path(out).exists():
         raise ConfigError(f"--out: {out} already exists; choose another path (exports are never overwritten).")

@@ -91,18 +91,26 @@ class VITaskModel(nn.Module):
             **_extra(view, batch["pixel"]),
         )
 
-    def fused_views(self, batch: dict, features: torch.Tensor, pad_id: int, *, negatives: bool) -> dict:
+    def fused_views(
+        self, batch: dict, features: torch.Tensor, pad_id: int, *, negatives: bool, prefix_sharing: bool = True
+    ) -> dict:
         """The EP, plain and (with ``negatives``) negative views of a batch through the decoder as ONE batch.
 
         The frozen vision features of image_i are computed once and shared by its EP and plain rows; the negative
         rows reuse the plain rows' text with image_j's features. Logits are taken at response positions only;
         all views hold the same response tokens, so the rows align across views.
 
+        With ``prefix_sharing`` the EP and plain views' common prefix (every token up to the last image token,
+        where the exemplar slots begin) goes through the decoder once, and both suffixes attend to its keys and
+        values, which carry gradients. Under causal attention that prefix's hidden states are the same in both
+        views, so this is exact (docs/method.md#views); the plain path computes it twice.
+
         Args:
             batch: a :class:`~vitask_pl.data.chat.ChatBatch` batch (with ``neg_pixel`` for negatives).
             features: ``(B, F)`` (or ``(B, T, F)``) TSM features of the batch's images.
             pad_id: the id the exemplar slots hold (their embeddings are replaced).
             negatives: add the negative view (CRT).
+            prefix_sharing: compute the shared prefix once (``False``: every view whole, the reference path).
 
         Returns: ``{"ep", "plain", "neg"}`` logits ``(N, V)`` (``neg`` only with negatives) and ``targets``.
         """
@@ -122,7 +130,7 @@ class VITaskModel(nn.Module):
         ids, mask, labels = (torch.cat([ep[k]] + [plain[k]] * (n_views - 1)) for k in plain)
         slots = torch.cat([ep["exemplar_mask"]] + [torch.zeros_like(ep["exemplar_mask"])] * (n_views - 1))
         image_i = self.vlm.image_features(batch["pixel"])
-        features = [image_i, image_i] + ([self.vlm.image_features(batch["neg_pixel"])] if negatives else [])
+        images = [image_i] + ([self.vlm.image_features(batch["neg_pixel"])] if negatives else [])
         extra = {}
         if "mm_token_type_ids" in batch:  # Qwen2-VL's M-RoPE reads the token types and the image grids
             types = padded(batch["mm_token_type_ids"], 0)
@@ -130,14 +138,62 @@ class VITaskModel(nn.Module):
             pixels = [batch["pixel"]] * 2 + ([batch["neg_pixel"]] if negatives else [])
             extra["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in pixels])
         flat = exemplars.reshape(-1, exemplars.shape[-1])
-        logits, targets, _ = self.response_logits(
-            ids, mask, labels, torch.cat(features), exemplar_mask=slots, exemplars=flat, **extra
-        )
-        logits = logits.chunk(n_views)
+        if prefix_sharing:
+            hidden = self._shared_prefix_decode(ids, mask, images, slots, flat, n_views, **extra)
+            cut = labels.shape[1] - hidden.shape[1]  # the prefix's last position predicts the label at `cut`
+            if bool((labels[:, cut] != IGNORE).any()):
+                raise ValueError("prefix sharing: a response starts right after the image; there is no prefix.")
+            labels = labels[:, cut:]
+        else:
+            features_all = torch.cat([image_i, *images])  # EP and plain rows both read image_i
+            embeds = self.vlm.embed(ids, features_all, slots, flat)
+            positions = self.vlm.positions(ids, mask, extra.get("mm_token_type_ids"), extra.get("image_grid_thw"))
+            hidden, _ = self.vlm.decode(embeds, mask, positions)
+        rows, targets, _ = gather_response(hidden, labels)
+        logits = self.vlm.head(rows).chunk(n_views)
         out = {"ep": logits[0], "plain": logits[1], "targets": targets.chunk(n_views)[0]}
         if negatives:
             out["neg"] = logits[2]
         return out
+
+    def _shared_prefix_decode(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        images: list[torch.Tensor],
+        slots: torch.Tensor,
+        exemplars: torch.Tensor,
+        n_views: int,
+        *,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder hidden states of the stacked views ``[EP; plain; (neg)]`` after their common prefix.
+
+        The prefix (every token before the first exemplar slot) is the same in the EP and plain rows of a
+        sample, so it runs once per *image*: ``[plain prefix with image_i; (neg prefix with image_j)]``. Its
+        cache is then repeated to the stacked rows and the suffixes run against it. Returns ``(rows, L - P)``.
+        """
+        vlm, b = self.vlm, ids.shape[0] // n_views
+        starts = slots[:b].float().argmax(dim=1)  # the first slot of each EP row: just past its last image token
+        p = int(starts[0])
+        if not bool((starts == p).all()) or not bool(mask[:, :p].all()):
+            raise ValueError(
+                "prefix sharing: the rows' prompts differ before the image ends (the chat template puts text of "
+                "varying length before the image); use --model.init_args.vlm_options.prefix_sharing false."
+            )
+        positions = vlm.positions(ids, mask, mm_token_type_ids, image_grid_thw)  # of the whole views, then split
+        prefix_rows = torch.arange(b, ids.shape[0], device=ids.device)  # plain (and neg) rows; EP's prefix = plain's
+        prefix_pos = positions[..., prefix_rows, :p]  # (B', p), or Qwen2-VL's (3, B', p)
+        embeds = vlm.embed(ids[prefix_rows, :p], torch.cat(images))
+        _, cache = vlm.decode(embeds, mask[prefix_rows, :p], prefix_pos, use_cache=True)
+        # cache rows -> stacked rows: EP and plain both read the plain prefix; neg its own
+        rows = torch.cat([torch.arange(b), torch.arange(b), *([torch.arange(b, 2 * b)] if n_views == 3 else [])])
+        cache.reorder_cache(rows.to(ids.device))
+        no_images = images[0][:0]  # the suffix holds no image token
+        embeds = vlm.embed(ids[:, p:], no_images, slots[:, p:], exemplars)
+        hidden, _ = vlm.decode(embeds, mask, positions[..., p:], cache=cache, use_cache=True)
+        return hidden
 
 
 def _text(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

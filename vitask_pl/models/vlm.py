@@ -20,6 +20,7 @@ from torch import nn
 from vitask_pl.data.collate import IGNORE
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
 from vitask_pl.models.families import Family, family_of
+from vitask_pl.models.tiny import TINY_PREFIX, resolve_tiny
 
 
 @dataclass
@@ -49,7 +50,6 @@ def _hub_offline() -> bool:
 
 def resolve_source(spec: str, image_size: int = 28, option: str = "--model.init_args.vlm") -> str:
     """``tiny:<family>`` -> cached tiny model dir; a local dir is checked; a hub id offline must be cached."""
-    from vitask_pl.models.tiny import TINY_PREFIX, resolve_tiny
 
     if spec.startswith(TINY_PREFIX):
         return resolve_tiny(spec, image_size, option=option)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vitask_pl.errors import ConfigError
+from vitask_pl.eval.protocols import PROTOCOLS
 
 OPTION = "--model.init_args"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -25,6 +26,9 @@ class VLMOptions:
         trust_remote_code: allow remote code in the checkpoint (off: the four families are native).
         max_length: longest tokenized sample allowed; longer ones are an error, never truncated.
         processor_kwargs: extra keyword arguments for every processor call.
+        prefix_sharing: VITask stages: run the prefix the EP and plain views share (up to the last image token)
+            through the decoder once; exact, and cheaper by that prefix (``false``: every view whole). Default
+            (``null``): on, except with ``gradient_checkpointing``, whose checkpointed layers keep no cache.
     """
 
     dtype: str = "float32"
@@ -33,6 +37,18 @@ class VLMOptions:
     trust_remote_code: bool = False
     max_length: int = 2048
     processor_kwargs: dict = field(default_factory=dict)
+    prefix_sharing: bool | None = None
+
+    def check(self) -> None:
+        if self.prefix_sharing and self.gradient_checkpointing:
+            raise ConfigError(
+                f"{OPTION}.vlm_options.prefix_sharing: true needs the decoder's cache, which gradient checkpointing "
+                f"drops in training; set vlm_options.gradient_checkpointing: false, or prefix_sharing: false."
+            )
+
+    @property
+    def shares_prefix(self) -> bool:
+        return not self.gradient_checkpointing if self.prefix_sharing is None else self.prefix_sharing
 
 
 @dataclass
@@ -126,7 +142,6 @@ class EvalSettings:
     max_new_tokens: int = 24
 
     def check(self) -> None:
-        from vitask_pl.eval.protocols import PROTOCOLS
 
         for name in ("val_protocols", "test_protocols"):
             protocols = getattr(self, name)

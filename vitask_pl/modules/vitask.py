@@ -97,9 +97,8 @@ class RDACRTTuning(VLMStage):
         scheduler: LRSchedulerCallable | None = None,
         warmup_ratio: float = 0.03,
     ):
-        title = STAGES["rda_crt"].title
-        require(tsm_ckpt, "--model.init_args.tsm_ckpt", title, STAGES["tsm"].command)
-        require(init_from, "--model.init_args.init_from", title, STAGES["ep"].command)
+        # before the VLM loads; tsm_ckpt is the shared VLMStage's to require
+        require(init_from, "--model.init_args.init_from", STAGES["rda_crt"].title, STAGES["ep"].command)
         objective = as_settings(CRTObjective, objective)
         objective.check()
         super().__init__(**init_args(locals()))

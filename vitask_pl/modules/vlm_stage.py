@@ -59,7 +59,9 @@ class VLMStage(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         _plain_hparams(self)
         self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
-        options, self.eval_settings = as_settings(VLMOptions, vlm_options), as_settings(EvalSettings, evaluation)
+        options = self.vlm_options = as_settings(VLMOptions, vlm_options)
+        options.check()
+        self.eval_settings = as_settings(EvalSettings, evaluation)
         self.eval_settings.check()
         source = None
         if "tsm_ckpt" in self.stage.needs:
@@ -113,7 +115,13 @@ class VLMStage(L.LightningModule):
             return {"l_van": response_nll(logits, targets, num_tokens=self._token_count(len(targets)))}
         objective = self.objective
         features = self.model.source.features(batch, "train")
-        views = self.model.fused_views(batch, features, self.collate.pad_id, negatives=self.needs_negatives)
+        views = self.model.fused_views(
+            batch,
+            features,
+            self.collate.pad_id,
+            negatives=self.needs_negatives,
+            prefix_sharing=self.vlm_options.shares_prefix,
+        )
         targets = views["targets"]
         n = self._token_count(len(targets))
         terms = {
