@@ -4,15 +4,18 @@
 
 Writes one synthetic 224-px file in the MedMNIST layout (``pneumoniamnist_224.npz``: gray, ``--images``
 training images, compressed as the official files are), then, each in its own process: builds the data module
-for training and reads 256 training samples, once with ``memory_map: false`` (the split read whole) and twice
-with ``memory_map: true`` (first run: the one-time conversion; second run: the converted file). Prints each
-process's peak RSS (``wait4``). The target: with the memory map, the peak does not grow with the dataset.
+for training and reads 256, then 4,096 training samples spread over the split, with ``memory_map: false`` (the
+split read whole) and ``memory_map: true`` (its first run makes the one-time conversion). Prints each process's
+peak RSS (``wait4``) and, at the end, its private (anonymous) and file-backed RSS from /proc. Mapped file pages
+count in RSS but are the OS page cache, stored once however many workers and ranks map them; private memory is
+what each process holds for itself. The target: private memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,12 +24,16 @@ from pathlib import Path
 
 READ = """
 import sys
+import numpy as np
 from vitask_pl.data.datamodule import MedMNISTDataModule
 dm = MedMNISTDataModule(sys.argv[1], ["pneumoniamnist"], 224, num_workers=0, memory_map=sys.argv[2] == "true")
 dm.setup("fit")
 ds = dm.dataset("train")
-total = sum(int(ds[i * (len(ds) // 256)]["image"].sum() > 0) for i in range(256))
-print(len(ds), total)
+n = int(sys.argv[3])
+for i in range(n):
+    np.array(ds[i * (len(ds) // n)]["image"])  # what a collate does with a sample's image: a copy
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["RssAnon"].split()[0]) * 1024, int(status["RssFile"].split()[0]) * 1024)
 """
 
 WRITE = """
@@ -44,6 +51,7 @@ np.savez_compressed(sys.argv[1], train_images=x, train_labels=labels, val_images
 
 
 def child(label: str, argv: list[str], env: dict) -> None:
+    """Run ``argv``; print its peak RSS (wait4) and, when it reports them, its private and file-backed RSS."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -51,7 +59,11 @@ def child(label: str, argv: list[str], env: dict) -> None:
     if os.waitstatus_to_exitcode(status):
         print(out[-3000:], file=sys.stderr)
         raise SystemExit(1)
-    print(f"{label:<44} peak RSS {usage.ru_maxrss / 2**20:7.2f} GiB   wall {time.monotonic() - start:6.1f} s")
+    row = f"{label:<50} peak RSS {usage.ru_maxrss / 2**20:6.2f} GiB"
+    last = out.strip().splitlines()[-1].split() if out.strip() else []
+    if len(last) == 2 and all(x.isdigit() for x in last):
+        row += f"   private {int(last[0]) / 2**30:5.2f} GiB   file-backed {int(last[1]) / 2**30:5.2f} GiB"
+    print(f"{row}   wall {time.monotonic() - start:5.1f} s", flush=True)
 
 
 def main() -> None:
@@ -70,9 +82,11 @@ def main() -> None:
         )
     raw = args.images * 224 * 224
     print(f"{path}: {path.stat().st_size / 2**30:.2f} GiB on disk, {raw / 2**30:.2f} GiB of training images")
-    child("read 256 samples, memory_map false", [sys.executable, "-c", READ, str(data), "false"], env)
-    child("read 256 samples, memory_map true (converts)", [sys.executable, "-c", READ, str(data), "true"], env)
-    child("read 256 samples, memory_map true (converted)", [sys.executable, "-c", READ, str(data), "true"], env)
+    shutil.rmtree(work / "cache", ignore_errors=True)  # the first memory-mapped run converts
+    for memory_map in ("false", "true"):
+        for n in (256, 4096):
+            label = f"memory_map {memory_map}, {n:>4} samples read"
+            child(label, [sys.executable, "-c", READ, str(data), memory_map, str(n)], env)
 
 
 if __name__ == "__main__":
