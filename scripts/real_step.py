@@ -58,7 +58,9 @@ def main() -> None:
     if not (model / "config.json").is_file():
         code = f"from vitask_pl.models.shapes import build_shaped; build_shaped('real', {str(model)!r})"
         run("build the real-shaped model", [sys.executable, "-c", code])
-    run("synthetic data (224 px)", [*vitask, "data", "synth", "--root", str(work / "data"), "--size", "224"])
+    if not (work / "data").is_dir():
+        synth = [*vitask, "data", "synth", "--root", str(work / "data"), "--size", "224", "--datasets", FLAGS]
+        run("synthetic data (224 px)", synth)
     common = [
         "--data.root",
         str(work / "data"),
@@ -71,7 +73,7 @@ def main() -> None:
         "--data.num_workers",
         "0",
         "--data.max_samples",
-        "2",
+        "16",  # a few of each split; CRT needs two labels among the training samples
         "--trainer.max_steps",
         "1",
         "--trainer.limit_val_batches",

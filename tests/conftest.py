@@ -83,6 +83,24 @@ def synth_root(tmp_path_factory):
     return root
 
 
+def quick_trainer(max_steps: int, **overrides):
+    """A CPU Trainer for a few steps that writes and prints nothing: no logger, checkpoints, bar, summary or
+    validation unless ``overrides`` ask for them."""
+    import lightning as L
+
+    settings = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**settings, **overrides})
+
+
 def make_tsm_ckpt(root, flags, path, *, embed_dim=32, seed=0):
     """A TSM-stage checkpoint after two training steps (tiny ViT), as `vitask fit --config configs/tsm.yaml` writes."""
     import lightning as L
@@ -98,15 +116,7 @@ def make_tsm_ckpt(root, flags, path, *, embed_dim=32, seed=0):
         image_size=28,
         backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": embed_dim, "num_heads": 2},
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(model, dm)
     trainer.save_checkpoint(path)
     return str(path)

@@ -4,7 +4,6 @@ module's predictions outside vitask; bad inputs are one line and write nothing."
 import json
 import shutil
 
-import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +23,7 @@ from vitask_pl.modules.vanilla import VanillaInstructionTuning
 from vitask_pl.modules.vitask import ExemplarPromptTuning
 from vitask_pl.stages import STAGES
 
-from .conftest import run, sharpen
+from .conftest import quick_trainer, run, sharpen
 
 FLAGS = ["dermamnist", "chestmnist"]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.1)  # not the defaults: the export must read them from the checkpoint
@@ -48,17 +47,7 @@ def sharp_base(src: str, dst) -> str:
 def fit_and_save(module, synth_root, out) -> str:
     """Two training steps through the Trainer, LoRA B redrawn large (so LoRA matters), then the stage checkpoint."""
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    trainer = quick_trainer(2, default_root_dir=out)
     trainer.fit(module, dm)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.modules.vitask import ExemplarPromptTuning
 
+from ..conftest import quick_trainer
 from .ddp_stage2 import FLAGS
 
 SCRIPT = Path(__file__).with_name("ddp_stage2.py")
@@ -26,16 +26,7 @@ def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
         tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, exemplar={"cache_dir": feature_cache_dir}
     )
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        default_root_dir=out,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quick_trainer(2, default_root_dir=out)
     trainer.fit(module, dm)
     trainer.save_checkpoint(out / "stage1.ckpt")
     return str(out / "stage1.ckpt")

@@ -15,7 +15,7 @@ from vitask_pl.models.families import FAMILY_NAMES
 from vitask_pl.models.vlm import LoraSettings
 from vitask_pl.modules.vanilla import VanillaInstructionTuning
 
-from ..conftest import run
+from ..conftest import quick_trainer, run
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["dermamnist", "chestmnist"]
@@ -150,17 +150,7 @@ def test_module_trains_lora_and_leaves_the_base_bit_identical(fitted, synth_root
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quick_trainer(3, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     assert trainer.global_step == 3
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

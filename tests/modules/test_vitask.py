@@ -1,6 +1,5 @@
 """The VITask stages: fused forward, losses wiring, stage-2 freezing, checkpoints, errors."""
 
-import lightning as L
 import pytest
 import torch
 
@@ -8,7 +7,7 @@ from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError, MissingFileError
 from vitask_pl.modules.vitask import ExemplarPromptTuning, RDACRTTuning
 
-from ..conftest import SMALL_FLAGS, make_tsm_ckpt
+from ..conftest import SMALL_FLAGS, make_tsm_ckpt, quick_trainer
 
 FLAGS = ["dermamnist", "chestmnist"]
 
@@ -61,15 +60,7 @@ def stage1_ckpt(tsm_ckpt, feature_cache_dir, synth_root, tmp_path_factory):
     exemplar = {"cache_dir": feature_cache_dir}
     module = ExemplarPromptTuning(tsm_ckpt=tsm_ckpt, vlm="tiny:internvl", datasets=FLAGS, exemplar=exemplar)
     dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0, max_samples=8)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        default_root_dir=out,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
+    trainer = quick_trainer(3, default_root_dir=out, logger=True, enable_checkpointing=True, limit_val_batches=1)
     trainer.fit(module, dm)
     trainer.save_checkpoint(out / "stage1.ckpt")
     return str(out / "stage1.ckpt"), module
