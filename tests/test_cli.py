@@ -11,7 +11,7 @@ import pytest
 from vitask_pl.cli import build_cli
 from vitask_pl.stages import STAGES
 
-from .conftest import ROOT, SMALL_FLAGS, TINY_TSM, run
+from .conftest import ROOT, SMALL_FLAGS, TINY_TSM, run, stage_configs
 
 STAGE_FILES = sorted((ROOT / "configs").glob("*.yaml"))  # one per stage; base/ holds what they include
 # Every stage file alone, and each with its offline overlay (offline/vlm.yaml serves all three VLM stages).
@@ -79,10 +79,7 @@ def test_make_pipeline_commands_parse(target, capsys):
 def test_links_fill_model_from_data(synth_root):
     cli = build_cli(
         [
-            "--config",
-            str(ROOT / "configs/tsm.yaml"),
-            "--config",
-            str(ROOT / "configs/offline/tsm.yaml"),
+            *stage_configs("tsm"),
             "--data.root",
             str(synth_root),
             "--data.datasets",
@@ -110,10 +107,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, message, capsys, synth_
     out_dir = tmp_path / "run"
     argv = [
         "fit",
-        "--config",
-        str(ROOT / "configs/tsm.yaml"),
-        "--config",
-        str(ROOT / "configs/offline/tsm.yaml"),
+        *stage_configs("tsm"),
         "--data.root",
         str(synth_root),
         "--data.datasets",
@@ -166,10 +160,7 @@ def test_foreign_64px_files_check_train_and_test(capsys, tmp_path):
     assert code == 0, err
     assert out.count("custom (MD5 n/a)") == 3 and "all 3 files" in out
     common = [
-        "--config",
-        str(ROOT / "configs/tsm.yaml"),
-        "--config",
-        str(ROOT / "configs/offline/tsm.yaml"),
+        *stage_configs("tsm"),
         "--data.root",
         str(tmp_path),
         "--data.datasets",
@@ -198,10 +189,7 @@ def test_backbone_swapped_on_the_command_line(backbone, capsys, synth_root, tmp_
     code, _, err = run(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs/tsm.yaml"),
-            "--config",
-            str(ROOT / "configs/offline/tsm.yaml"),
+            *stage_configs("tsm"),
             "--data.root",
             str(synth_root),
             "--data.datasets",
@@ -237,10 +225,7 @@ def test_evaluating_without_a_checkpoint_says_so(command, capsys, synth_root, tm
         code, _, err = run(
             [
                 command,
-                "--config",
-                str(ROOT / "configs/tsm.yaml"),
-                "--config",
-                str(ROOT / "configs/offline/tsm.yaml"),
+                *stage_configs("tsm"),
                 "--data.root",
                 str(synth_root),
                 "--data.datasets",

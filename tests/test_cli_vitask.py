@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .conftest import ROOT, run, stage_configs
+from .conftest import run, stage_configs
 
 
 @pytest.mark.slow
@@ -88,10 +88,7 @@ def test_stage_errors_from_the_cli(tsm_ckpt, synth_root, tmp_path, capsys):
     code, _, err = run(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs/rda_crt.yaml"),
-            "--config",
-            str(ROOT / "configs/offline/vlm.yaml"),
+            *stage_configs("rda_crt"),
             *base,
             "--model.init_args.tsm_ckpt",
             tsm_ckpt,
@@ -100,7 +97,7 @@ def test_stage_errors_from_the_cli(tsm_ckpt, synth_root, tmp_path, capsys):
     )
     assert code == 2 and "init_from is required for stage 2" in err and "configs/ep.yaml" in err
     code, _, err = run(
-        ["fit", "--config", str(ROOT / "configs/ep.yaml"), "--config", str(ROOT / "configs/offline/vlm.yaml"), *base],
+        ["fit", *stage_configs("ep"), *base],
         capsys,
     )
     assert code == 2 and "tsm_ckpt is required for stage 1" in err and "configs/tsm.yaml" in err

@@ -15,7 +15,8 @@ from vitask_pl import console
 from vitask_pl.cli import build_cli
 from vitask_pl.eval.results import format_table
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import stage_configs
+
 NOISE = [
     "LightningCLI's args parameter is intended to run from within Python",
     "Starting from v1.9.0, `tensorboardX` has been removed",
@@ -82,10 +83,7 @@ def test_one_table_per_dataset_with_a_column_group_per_mode_and_protocol():
 
 def _fit_args(root: Path, out: Path) -> list[str]:
     return [
-        "--config",
-        str(ROOT / "configs/tsm.yaml"),
-        "--config",
-        str(ROOT / "configs/offline/tsm.yaml"),
+        *stage_configs("tsm"),
         "--data.root",
         str(root),
         "--data.datasets",

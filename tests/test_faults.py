@@ -10,16 +10,13 @@ from vitask_pl.data.catalog import dataset_specs
 from vitask_pl.models.feature_cache import FeatureCache
 from vitask_pl.models.tsm import load_tsm
 
-from .conftest import ROOT, TINY_TSM, run
+from .conftest import TINY_TSM, run, stage_configs
 
 
 def tsm_fit(synth_root, out, *extra):
     return [
         "fit",
-        "--config",
-        str(ROOT / "configs/tsm.yaml"),
-        "--config",
-        str(ROOT / "configs/offline/tsm.yaml"),
+        *stage_configs("tsm"),
         "--data.root",
         str(synth_root),
         "--data.datasets",

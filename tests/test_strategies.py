@@ -10,10 +10,10 @@ import yaml
 
 from vitask_pl.cli import build_cli
 
-from .conftest import ROOT, run
+from .conftest import ROOT, run, stage_configs
 
 STRATEGIES = sorted((ROOT / "configs/strategy").glob("*.yaml"))
-STAGE2 = ["--config", str(ROOT / "configs/rda_crt.yaml"), "--config", str(ROOT / "configs/offline/vlm.yaml")]
+STAGE2 = stage_configs("rda_crt")
 FLAGS = ["dermamnist", "chestmnist"]
 
 

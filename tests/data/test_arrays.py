@@ -61,3 +61,15 @@ def test_load_split_memory_mapped_equals_in_memory(synth_root):
     assert lazy.images.shape == whole.images.shape and lazy.images.shape[-1] == 1
     np.testing.assert_array_equal(lazy.images, whole.images)
     np.testing.assert_array_equal(lazy.labels, whole.labels)
+
+
+def test_samples_of_a_memory_mapped_split_are_writable_copies(synth_root):
+    """Processors hand images to torch.from_numpy, which warns on (and must not write to) a read-only map."""
+    from vitask_pl.data.datamodule import MedMNISTDataModule
+
+    ds = MedMNISTDataModule(synth_root, ["dermamnist"], 28, num_workers=0, memory_map=True).dataset(
+        "train", negatives=True
+    )
+    sample = ds[0]
+    assert sample["image"].flags.writeable and sample["negative_image"].flags.writeable
+    assert not np.shares_memory(sample["image"], ds.splits[0].images)

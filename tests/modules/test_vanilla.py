@@ -15,7 +15,7 @@ from vitask_pl.models.families import FAMILY_NAMES
 from vitask_pl.models.vlm import LoraSettings
 from vitask_pl.modules.vanilla import VanillaInstructionTuning
 
-from ..conftest import quick_trainer, run
+from ..conftest import quick_trainer, run, stage_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["dermamnist", "chestmnist"]
@@ -25,10 +25,7 @@ FLAGS = ["dermamnist", "chestmnist"]
 
 def common_args(model_dir, root_dir, synth_root) -> list[str]:
     return [
-        "--config",
-        str(ROOT / "configs/vanilla.yaml"),
-        "--config",
-        str(ROOT / "configs/offline/vlm.yaml"),
+        *stage_configs("vanilla"),
         "--model.init_args.vlm",
         str(model_dir),
         "--trainer.default_root_dir",

@@ -63,7 +63,8 @@ class JointDataset(Dataset):
         d, i = self.locate(int(index))
         spec, split = self.specs[d], self.splits[d]
         label = split.labels[i]
-        image = split.images[i]
+        # A copy of the one image: a memory-mapped split is read-only, and processors hand arrays to torch.
+        image = np.array(split.images[i])
         if self.augment_shift:
             image = random_shift(image, np.random.default_rng([self.seed, epoch, index]), self.augment_shift)
         sample = {
@@ -76,7 +77,7 @@ class JointDataset(Dataset):
         }
         if self.negatives is not None:
             j = self.negatives[d](i, epoch)
-            sample["negative_image"], sample["negative_index"] = split.images[j], int(split.rows[j])
+            sample["negative_image"], sample["negative_index"] = np.array(split.images[j]), int(split.rows[j])
         return sample
 
 
