@@ -32,6 +32,13 @@ def stage_configs(stage: str) -> list[str]:
     return ["--config", str(ROOT / f"configs/{stage}.yaml"), "--config", str(ROOT / f"configs/offline/{overlay}.yaml")]
 
 
+def tsm_fit(root, out, *extra: str, command: str = "fit", datasets: str = "[dermamnist]") -> list[str]:
+    """``vitask <command>`` of the TSM stage with its offline overlay on ``root``'s data into ``out``, a few seconds
+    long (:data:`TINY_TSM`); ``extra`` comes last, so it overrides."""
+    where = ["--data.root", str(root), "--data.datasets", datasets, "--trainer.default_root_dir", str(out)]
+    return [command, *stage_configs("tsm"), *where, *TINY_TSM, *extra]
+
+
 def run(argv, capsys):
     """(exit code, stdout, stderr) of `vitask argv` run in this process."""
     from vitask_pl.cli import main

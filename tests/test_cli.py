@@ -11,7 +11,7 @@ import pytest
 from vitask_pl.cli import build_cli
 from vitask_pl.stages import STAGES
 
-from .conftest import ROOT, SMALL_FLAGS, TINY_TSM, run, stage_configs
+from .conftest import ROOT, SMALL_FLAGS, TINY_TSM, run, stage_configs, tsm_fit
 
 STAGE_FILES = sorted((ROOT / "configs").glob("*.yaml"))  # one per stage; base/ holds what they include
 # Every stage file alone, and each with its offline overlay (offline/vlm.yaml serves all three VLM stages).
@@ -105,18 +105,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("extra", "message"), BAD_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_INPUTS])
 def test_bad_input_is_one_line_and_writes_nothing(extra, message, capsys, synth_root, tmp_path):
     out_dir = tmp_path / "run"
-    argv = [
-        "fit",
-        *stage_configs("tsm"),
-        "--data.root",
-        str(synth_root),
-        "--data.datasets",
-        "[dermamnist]",
-        "--trainer.default_root_dir",
-        str(out_dir),
-        *TINY_TSM,
-        *(e.format(tmp=tmp_path) for e in extra),
-    ]
+    argv = tsm_fit(synth_root, out_dir, *(e.format(tmp=tmp_path) for e in extra))
     code, _, err = run(argv, capsys)
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -187,19 +176,7 @@ def test_foreign_64px_files_check_train_and_test(capsys, tmp_path):
 )
 def test_backbone_swapped_on_the_command_line(backbone, capsys, synth_root, tmp_path):
     code, _, err = run(
-        [
-            "fit",
-            *stage_configs("tsm"),
-            "--data.root",
-            str(synth_root),
-            "--data.datasets",
-            f"[{','.join(SMALL_FLAGS)}]",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            *TINY_TSM,
-            "--model.init_args.backbone",
-            *backbone,
-        ],
+        tsm_fit(synth_root, tmp_path, "--model.init_args.backbone", *backbone, datasets=f"[{','.join(SMALL_FLAGS)}]"),
         capsys,
     )
     assert code == 0, err
@@ -223,17 +200,7 @@ def test_console_script_runs_as_a_process(tmp_path):
 def test_evaluating_without_a_checkpoint_says_so(command, capsys, synth_root, tmp_path):
     with pytest.warns(UserWarning, match="no --ckpt_path: evaluating the model as the config builds it"):
         code, _, err = run(
-            [
-                command,
-                *stage_configs("tsm"),
-                "--data.root",
-                str(synth_root),
-                "--data.datasets",
-                "[dermamnist]",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-                *TINY_TSM,
-            ],
+            tsm_fit(synth_root, tmp_path, command=command),
             capsys,
         )
     assert code == 0, err

@@ -10,28 +10,16 @@ from vitask_pl.data.catalog import dataset_specs
 from vitask_pl.models.feature_cache import FeatureCache
 from vitask_pl.models.tsm import load_tsm
 
-from .conftest import TINY_TSM, run, stage_configs
+from .conftest import run, tsm_fit
 
 
-def tsm_fit(synth_root, out, *extra):
-    return [
-        "fit",
-        *stage_configs("tsm"),
-        "--data.root",
-        str(synth_root),
-        "--data.datasets",
-        "[dermamnist]",
-        "--trainer.default_root_dir",
-        str(out),
-        *TINY_TSM,
-        "--data.batch_size",
-        "4",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
+def quick_tsm_fit(synth_root, out, *extra):
+    return tsm_fit(
+        synth_root,
+        out,
+        *("--data.batch_size", "4", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"),
         *extra,
-    ]
+    )
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(synth_root, tmp_path, capsys, monkeypatch):
@@ -46,7 +34,8 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(syn
 
     monkeypatch.setattr(tsm_module, "joint_classification_loss", poisoned)
     code, _, err = run(
-        tsm_fit(synth_root, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_train_steps", "2"), capsys
+        quick_tsm_fit(synth_root, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_train_steps", "2"),
+        capsys,
     )
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error: training loss is nan at step 2"), err
@@ -64,7 +53,7 @@ def test_full_disk_is_reported_before_training(synth_root, tmp_path, capsys, mon
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(guards.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
-    code, _, err = run(tsm_fit(synth_root, tmp_path / "run"), capsys)
+    code, _, err = run(quick_tsm_fit(synth_root, tmp_path / "run"), capsys)
     assert code == 2
     assert (
         err.strip().splitlines()[-1].startswith("error: --trainer.default_root_dir:")

@@ -143,14 +143,14 @@ class VITaskModel(nn.Module):
             cut = labels.shape[1] - hidden.shape[1]  # the prefix's last position predicts the label at `cut`
             if bool((labels[:, cut] != IGNORE).any()):
                 raise ValueError("prefix sharing: a response starts right after the image; there is no prefix.")
-            labels = labels[:, cut:]
-        else:
-            features_all = torch.cat([image_i, *images])  # EP and plain rows both read image_i
-            embeds = self.vlm.embed(ids, features_all, slots, flat)
-            positions = self.vlm.positions(ids, mask, extra.get("mm_token_type_ids"), extra.get("image_grid_thw"))
-            hidden, _ = self.vlm.decode(embeds, mask, positions)
-        rows, targets, _ = gather_response(hidden, labels)
-        logits = self.vlm.head(rows).chunk(n_views)
+            rows, targets, _ = gather_response(hidden, labels[:, cut:])
+            logits = self.vlm.head(rows)
+        else:  # EP and plain rows both read image_i
+            features_all = torch.cat([image_i, *images])
+            logits, targets, _ = self.response_logits(
+                ids, mask, labels, features_all, exemplar_mask=slots, exemplars=flat, **extra
+            )
+        logits = logits.chunk(n_views)
         out = {"ep": logits[0], "plain": logits[1], "targets": targets.chunk(n_views)[0]}
         if negatives:
             out["neg"] = logits[2]
