@@ -54,4 +54,7 @@ def test_stage2_losses_are_pinned(tsm_ckpt, synth_root, feature_cache_dir, tmp_p
     assert code == 0, err
     logged = _logged(next((tmp_path / "rda_crt").rglob("metrics.csv")))
     for term, values in PINNED.items():
-        assert logged[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
+        # On another CPU (other SIMD kernels) the same run moved step 4's loss by 1.2e-4 relative (10.04376 vs
+        # 10.04495) and l_rda, a small KL, by 5.3e-5 absolute (0.008935 vs 0.008882): hence rel 1e-3, abs 1e-4.
+        # The KL direction, the detach and the CRT difference are pinned exactly by tests/test_losses.py.
+        assert logged[term] == pytest.approx(values, rel=1e-3, abs=1e-4), term
