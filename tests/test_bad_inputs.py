@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from vitask_pl.cli import main
+from vitask_pl.data.importer import import_dataset
 from vitask_pl.data.synth import synthesize
 
 from .conftest import SMALL_FLAGS, run, stage_configs
@@ -53,6 +54,28 @@ class World:
                 if path.is_file():
                     out[str(path)] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
         return out
+
+
+def _write_import_sources(top: Path) -> None:
+    """Sources for `vitask data import`, each with one problem; ``good`` has none."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    def png(path: Path, shape=(8, 8)) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full(shape, 128, np.uint8)).save(path)
+
+    for name in ("good", "corrupt", "empty", "nopixel"):
+        for label in ("a", "b"):
+            for i in range(3):
+                png(top / name / label / f"{i}.png")
+    (top / "corrupt/b/2.png").write_bytes(b"\x89PNG not really")
+    shutil.rmtree(top / "empty/b")
+    (top / "empty/b").mkdir()
+    shutil.copy(get_testdata_file("rtplan.dcm"), top / "nopixel/b/plan.dcm")
+    png(top / "mixed/a/0.png")
+    png(top / "mixed/b/0.png", (8, 8, 3))
+    (top / "labels.csv").write_text("path,label\ngood/a/0.png,a\ngood/b/0.png,c\n")
 
 
 def _write_bad_files(good: Path, bad: Path) -> None:
@@ -103,6 +126,8 @@ def world(tmp_path_factory, tsm_ckpt, tiny_dirs, feature_cache_dir) -> World:
     synthesize(w.data, ["dermamnist"], size=64, per_class=2)
     _write_bad_files(w.data / "dermamnist.npz", w.bad)
     _write_junk(w.junk, w.tsm, w.vlm)
+    _write_import_sources(w.junk / "imports")
+    import_dataset(str(w.junk / "imports/good"), "mine", root=str(w.data), modality="test")  # an earlier import
     main(fit("ep", "--trainer.limit_val_batches", "1")(dataclasses.replace(w, out=w.run)))  # the previous run
     return dataclasses.replace(w, stage1=next(w.run.rglob("last.ckpt")))
 
@@ -237,6 +262,15 @@ CASES = [
     case("init-from-truncated", fit("rda_crt", "--model.init_args.init_from", "{junk}/truncated.ckpt"), "--model.init_args.init_from", "{junk}/truncated.ckpt"),
     case("ckpt-path-missing", fit("ep", "--ckpt_path", "{out}/nope.ckpt", command="test"), "--ckpt_path", "{out}/nope.ckpt"),
     case("ckpt-path-garbage", fit("ep", "--ckpt_path", "{junk}/garbage.ckpt", command="test"), "--ckpt_path", "{junk}/garbage.ckpt"),
+    case("import-corrupt-image", tool("data", "import", "--source", "{junk}/imports/corrupt", "--name", "x", "--root", "{out}", "--modality", "m"), "--source", "{junk}/imports/corrupt/b/2.png", "not a readable image"),
+    case("import-dicom-no-pixels", tool("data", "import", "--source", "{junk}/imports/nopixel", "--name", "x", "--root", "{out}", "--modality", "m"), "--source", "plan.dcm", "without pixel data"),
+    case("import-mixed-channels", tool("data", "import", "--source", "{junk}/imports/mixed", "--name", "x", "--root", "{out}", "--modality", "m"), "--source", "1 gray and 1 RGB", "--channels"),
+    case("import-empty-class", tool("data", "import", "--source", "{junk}/imports/empty", "--name", "x", "--root", "{out}", "--modality", "m"), "--source", "{junk}/imports/empty/b holds no image"),
+    case("import-label-outside", tool("data", "import", "--source", "{junk}/imports/labels.csv", "--name", "x", "--root", "{out}", "--modality", "m", "--labels", "[a,b]"), "--source", "label 'c'", "--labels"),
+    case("import-name-is-a-flag", tool("data", "import", "--source", "{junk}/imports/good", "--name", "dermamnist", "--root", "{out}", "--modality", "m"), "--name", "'dermamnist' is a MedMNIST flag"),
+    case("import-shares-other-count", tool("data", "import", "--source", "{junk}/imports/good", "--name", "x", "--root", "{out}", "--shares", "dermamnist"), "--shares", "has 2 classes but dermamnist has 7"),
+    case("import-over-existing", tool("data", "import", "--source", "{junk}/imports/good", "--name", "mine", "--root", "{data}", "--modality", "test"), "--name", "{data}/mine.npz already exists", "--force"),
+    case("data-unknown-import", fit("tsm", "--data.datasets", "[minee]"), "--data.datasets", "'minee'", "vitask data import"),
     case("features-ckpt-missing", tool("features", "--ckpt", "{out}/nope.ckpt", "--out", "{out}/f.pt", "--root", "{data}"), "--ckpt", "{out}/nope.ckpt"),
     case("features-out-exists", tool("features", "--ckpt", "{tsm}", "--out", "{stage1}", "--root", "{data}"), "--out", "{stage1}", "already exists"),
     case("features-root-missing", tool("features", "--ckpt", "{tsm}", "--out", "{out}/f.pt", "--root", "{out}/nowhere"), "--root", "{out}/nowhere/dermamnist.npz"),

@@ -19,6 +19,10 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOLS = {
     "data synth": ("vitask_pl.data.synth:synthesize", "write synthetic MedMNIST files in the official format"),
     "data check": ("vitask_pl.data.check:check", "validate MedMNIST files (keys, dtypes, shapes, labels, MD5)"),
+    "data import": (
+        "vitask_pl.data.importer:import_dataset",
+        "your images (class folders or a CSV; PNG/JPEG/TIFF/DICOM) as a dataset in the MedMNIST layout",
+    ),
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
     "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
     "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),
@@ -63,7 +67,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
     from vitask_pl.atomic import AtomicCheckpointIO, remove_temporaries
     from vitask_pl.console import lines_off_terminal, quiet
-    from vitask_pl.data.catalog import resolve_flags
+    from vitask_pl.data.cards import cards_of, resolve_datasets
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.fingerprint import compare, load, read
     from vitask_pl.guards import (
@@ -74,6 +78,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         refuse_fresh_over_earlier,
     )
     from vitask_pl.resume import ExactResume, LastCheckpoint
+    from vitask_pl.stages import STAGES
 
     class VitaskCLI(LightningCLI):
         def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
@@ -86,7 +91,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # Facts the data knows reach the model here, so no config types them twice.
-            parser.link_arguments("data.init_args.datasets", "model.init_args.datasets", compute_fn=resolve_flags)
+            data = ("data.init_args.datasets", "data.init_args.root")  # an imported dataset's card is under its root
+            parser.link_arguments(data, "model.init_args.datasets", compute_fn=resolve_datasets)
+            parser.link_arguments(data, "model.init_args.cards", compute_fn=cards_of)
             parser.link_arguments("data.init_args.size", "model.init_args.image_size")
             # Two checkpointers in {default_root_dir}/checkpoints: the best on validation, and `last.ckpt`, saved
             # every N optimizer steps (mid-epoch) and at the end, which `--ckpt_path last` resumes from.
@@ -105,19 +112,33 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def _parse_ckpt_path(self) -> None:
             # Lightning reads --ckpt_path's hyperparameters here, before any vitask code runs: read it safely
             # first, so a truncated or foreign file is one line naming the option, not an unpickling traceback.
-            # Lightning then replaces the model's arguments with the checkpoint's, so the facts left to clash are
-            # the model class the config names and the datasets the data module serves (by position: the same list).
+            # Lightning then replaces the model's arguments with the checkpoint's. A resumed fit must serve the
+            # same datasets (by position: the same list). An evaluation of a VLM stage keeps the run's data and a
+            # TSM named for the run: a tuned model is scored on another dataset of its label spaces, and with
+            # another TSM plugged in (VITask^plug), neither re-tuned.
             subcommand = self.config.get("subcommand")
             config = self.config[subcommand] if subcommand else None
             path = config.get("ckpt_path") if config else None
-            if path and Path(path).is_file():
-                record = read(load(path, "--ckpt_path", mmap=True), path, "--ckpt_path")
-                run = {
-                    "stage": config.model.class_path.rsplit(".", 1)[-1],
-                    "datasets": resolve_flags(config.data.init_args.datasets),
-                }
-                compare(record, run, path=path, option="--ckpt_path", same_datasets=True)
+            if not (path and Path(path).is_file()):
+                return super()._parse_ckpt_path()
+            record = read(load(path, "--ckpt_path", mmap=True), path, "--ckpt_path")
+            data = config.data.init_args
+            run = {
+                "stage": config.model.class_path.rsplit(".", 1)[-1],
+                "datasets": resolve_datasets(data.datasets, data.root),
+            }
+            cards = cards_of(data.datasets, data.root)
+            if cards:
+                run["shares"] = {name: card["shares"] for name, card in cards.items() if card["shares"]}
+            evaluating = subcommand != "fit" and run["stage"] != STAGES["tsm"].class_name
+            compare(record, run, path=path, option="--ckpt_path", same_datasets=not evaluating)
+            tsm_ckpt = config.model.init_args.get("tsm_ckpt")
             super()._parse_ckpt_path()
+            if evaluating:
+                model = self.config[subcommand].model.init_args
+                model.datasets, model.cards = run["datasets"], cards
+                if tsm_ckpt:
+                    model.tsm_ckpt = tsm_ckpt
 
         def before_instantiate_classes(self) -> None:
             # A fixed checkpoint folder (not one per logger version), so a later run finds `last.ckpt` to resume.

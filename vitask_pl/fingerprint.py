@@ -37,6 +37,9 @@ def fingerprint(module: torch.nn.Module) -> dict:
         "datasets": [s.flag for s in module.specs],
         "image_size": module.hparams.get("image_size"),
     }
+    shares = {s.flag: s.shares for s in module.specs if s.shares}
+    if shares:  # imported datasets that use a MedMNIST flag's label space
+        record["shares"] = shares
     if vlm is not None:
         record.update(
             family=vlm.family.name,
@@ -97,8 +100,9 @@ def compare(
 ) -> None:
     """Raise unless checkpoint record ``theirs`` fits a run described by ``ours`` (a partial record is fine).
 
-    The datasets must be the same list where dataset positions are baked in (the TSM's joint head, a module
-    rebuilt from the checkpoint's own arguments); elsewhere the run's datasets must be among the checkpoint's.
+    The datasets must be the same list where dataset positions are baked in (the TSM's joint head, a resumed
+    fit); elsewhere each of the run's datasets must be among the checkpoint's, or share the label space of one
+    of them (an imported external set graded like a MedMNIST flag: the paper's external validation).
     """
     allowed = stages or (ours["stage"],)
     clash = [k for k in FIELDS if theirs.get(k) is not None and ours.get(k) is not None and theirs[k] != ours[k]]
@@ -107,7 +111,8 @@ def compare(
     if same_datasets or ours["stage"] == STAGES["tsm"].class_name:
         unseen = [] if theirs.get("datasets") == ours["datasets"] else ours["datasets"]
     else:
-        unseen = [d for d in ours["datasets"] if d not in theirs.get("datasets", [])]
+        known, shares = theirs.get("datasets", []), ours.get("shares", {})
+        unseen = [d for d in ours["datasets"] if d not in known and shares.get(d) not in known]
     if clash or unseen:
         what = ", ".join(clash + (["datasets"] if unseen else []))
         raise ConfigError(
@@ -143,5 +148,7 @@ def stamp(checkpoint: dict, module: torch.nn.Module) -> None:
 def check_resume(module, checkpoint: dict) -> None:
     """``on_load_checkpoint`` of every stage: the checkpoint ``--ckpt_path`` named must be of this configuration."""
     trainer = module._trainer  # None when loaded by hand (notebooks); `.trainer` would raise there
-    # The same datasets, in order: a batch's dataset index means the same dataset to the data and the model.
-    check(checkpoint, module, path=getattr(trainer, "ckpt_path", None) or "the checkpoint", same_datasets=True)
+    # A resumed fit needs the same datasets, in order: a batch's dataset index means the same dataset to the data
+    # and to the optimizer's state. An evaluation may score a tuned model on other datasets of its label spaces.
+    fitting = trainer is None or trainer.state.fn == "fit"
+    check(checkpoint, module, path=getattr(trainer, "ckpt_path", None) or "the checkpoint", same_datasets=fitting)

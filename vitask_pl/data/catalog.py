@@ -1,13 +1,14 @@
-"""What is known about the twelve MedMNIST 2D datasets, in one place.
+"""What is known about the datasets, in one place: the twelve MedMNIST 2D datasets and imported ones.
 
-Labels, tasks and channel counts come from ``medmnist.INFO``; the only facts added here are the modality
-phrase used in the instruction and the joint label space of the paper (datasets with identical label sets,
-the three organ views, share one block of the head).
+Labels, tasks and channel counts of a MedMNIST flag come from ``medmnist.INFO``; the only facts added here are
+the modality phrase used in the instruction and the joint label space of the paper (datasets with identical
+label sets, the three organ views, share one block of the head). An imported dataset's facts come from its card
+(:mod:`vitask_pl.data.cards`), which may share a flag's label space, and so its block and its instruction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vitask_pl.errors import ConfigError, suggest
@@ -65,6 +66,7 @@ class DatasetSpec:
     n_channels: int
     modality: str
     offset: int  # first column of this dataset's block in the joint label space
+    shares: str | None = None  # an imported dataset: the MedMNIST flag whose label space and instruction it uses
 
     @property
     def num_classes(self) -> int:
@@ -86,17 +88,22 @@ def medmnist_info(flag: str) -> dict:
     return INFO[flag]
 
 
-def resolve_flags(datasets: str | Sequence[str], *, option: str = "--data.datasets") -> list[str]:
-    """``"all"``, one flag or a list of flags -> validated list in the order given, without duplicates."""
+def resolve_flags(
+    datasets: str | Sequence[str], *, option: str = "--data.datasets", cards: Mapping[str, dict] | None = None
+) -> list[str]:
+    """``"all"``, one name or a list of names -> validated list in the order given, without duplicates.
+
+    A name is a MedMNIST flag or an imported dataset among ``cards``."""
     if isinstance(datasets, str):
         datasets = list(FLAGS) if datasets == "all" else [datasets]
     flags = list(dict.fromkeys(str(d).lower() for d in datasets))
     if not flags:
         raise ConfigError(f"{option}: empty list; give one or more of {', '.join(FLAGS)} or 'all'.")
     for flag in flags:
-        if flag not in FLAGS:
+        if flag not in FLAGS and flag not in (cards or {}):
             raise ConfigError(
-                f"{option}: unknown dataset {flag!r}{suggest(flag, FLAGS)}; valid flags: {', '.join(FLAGS)} or 'all'."
+                f"{option}: unknown dataset {flag!r}{suggest(flag, FLAGS)}; valid flags: {', '.join(FLAGS)} or "
+                f"'all', or a dataset written by `vitask data import` (its card under --data.root)."
             )
     return flags
 
@@ -107,19 +114,32 @@ def check_size(size: int, *, option: str = "--data.size") -> int:
     return int(size)
 
 
-def dataset_specs(flags: Sequence[str]) -> list[DatasetSpec]:
-    """Specs of ``flags`` with offsets into their joint label space.
+def _flag_facts(flag: str) -> tuple[str, tuple[str, ...], str]:
+    info = medmnist_info(flag)
+    return info["task"], tuple(info["label"][str(i)] for i in range(len(info["label"]))), MODALITY[flag]
 
-    Datasets with identical label sets (organa/organc/organs) share one block, so all twelve give the paper's
-    70-way head and a subset gives a compact one.
+
+def dataset_specs(flags: Sequence[str], cards: Mapping[str, dict] | None = None) -> list[DatasetSpec]:
+    """Specs of ``flags`` (MedMNIST flags, or imported datasets among ``cards``) with offsets into their joint
+    label space.
+
+    Datasets with identical label sets (organa/organc/organs, or a card sharing a flag's) share one block, so all
+    twelve give the paper's 70-way head and a subset gives a compact one.
     """
     specs, blocks, width = [], {}, 0
     for flag in flags:
-        info = medmnist_info(flag)
-        labels = tuple(info["label"][str(i)] for i in range(len(info["label"])))
+        if flag in FLAGS:
+            (task, labels, modality), channels, shares = _flag_facts(flag), int(medmnist_info(flag)["n_channels"]), None
+        else:
+            card = (cards or {})[flag]
+            shares, channels = card["shares"], int(card["n_channels"])
+            if shares:
+                task, labels, modality = _flag_facts(shares)
+            else:
+                task, labels, modality = card["task"], tuple(card["labels"]), card["modality"]
         if labels not in blocks:
             blocks[labels], width = width, width + len(labels)
-        specs.append(DatasetSpec(flag, info["task"], labels, int(info["n_channels"]), MODALITY[flag], blocks[labels]))
+        specs.append(DatasetSpec(flag, task, labels, channels, modality, blocks[labels], shares))
     return specs
 
 

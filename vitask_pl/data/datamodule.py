@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vitask_pl.data.cards import read_cards
 from vitask_pl.data.catalog import FLAGS, SPLITS, DatasetSpec, check_size, dataset_specs, resolve_flags
 from vitask_pl.data.dataset import JointDataset, JointSampler
 from vitask_pl.data.files import Split, download, load_split, missing_file_message, npz_path
@@ -29,7 +30,8 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     Args:
         root: folder holding the ``.npz`` files (official, or written by ``vitask data synth``).
-        datasets: a MedMNIST flag, a list of flags, or ``all`` (the twelve 2D datasets).
+        datasets: a MedMNIST flag, a list of flags, or ``all`` (the twelve 2D datasets); an imported dataset
+            (``vitask data import``, its card under ``root``) is named like a flag.
         size: image size: 28, 64, 128 or 224.
         download: fetch missing official files with medmnist (needs internet).
         batch_size: samples per training batch (per device).
@@ -66,8 +68,9 @@ class MedMNISTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         root = str(root)  # hparams hold plain types, so checkpoints load with weights_only=True
-        self.flags = resolve_flags(datasets)
-        self.specs: list[DatasetSpec] = dataset_specs(self.flags)
+        self.cards = read_cards(root, datasets)  # imported datasets' facts; MedMNIST flags need none
+        self.flags = resolve_flags(datasets, cards=self.cards)
+        self.specs: list[DatasetSpec] = dataset_specs(self.flags, self.cards)
         self.size = check_size(size)
         self.root, self.download = Path(root), download
         for name, value in (
@@ -102,7 +105,7 @@ class MedMNISTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.download:
             for flag in self.flags:
-                if not npz_path(self.root, flag, self.size).is_file():
+                if flag in FLAGS and not npz_path(self.root, flag, self.size).is_file():
                     download(self.root, flag, self.size)
 
     def load(self, split: str) -> list[Split]:

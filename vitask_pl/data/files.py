@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vitask_pl.data.arrays import mapped
-from vitask_pl.data.catalog import SPLITS, DatasetSpec, medmnist_info
+from vitask_pl.data.catalog import FLAGS, SPLITS, DatasetSpec, medmnist_info
 from vitask_pl.errors import ConfigError, MissingFileError, OfflineError
 
 
@@ -26,6 +26,11 @@ def npz_path(root: str | Path, flag: str, size: int) -> Path:
 
 
 def missing_file_message(path: Path, flag: str, size: int, *, option: str = "--data.root") -> str:
+    if flag not in FLAGS:
+        return (
+            f"{option}: {path} not found (imported dataset {flag} at {size} px); import it at this size with "
+            f"`vitask data import --name {flag} --root {path.parent} --size {size} --source ...`."
+        )
     return (
         f"{option}: {path} not found (MedMNIST {flag} at {size} px). Get it with `download: true` "
         f"(--data.download true, needs internet), or write synthetic files for an offline trial with "

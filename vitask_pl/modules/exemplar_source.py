@@ -46,7 +46,9 @@ class ExemplarSource(nn.Module):
             raise ConfigError(f"--model.init_args.exemplar.feature_kind: {kind!r}; use one of {list(FEATURE_KINDS)}.")
         tsm, hp = load_tsm(tsm_ckpt)
         trained_on = list(hp["datasets"])
-        unseen = [s.flag for s in specs if s.flag not in trained_on]
+        # An imported dataset that shares a flag's label space may use a TSM of that flag (the paper's external
+        # validation); VITask^plug trains a TSM on the imported set itself.
+        unseen = [s.flag for s in specs if s.flag not in trained_on and s.shares not in trained_on]
         if unseen:
             raise ConfigError(
                 f"--model.init_args.tsm_ckpt: {tsm_ckpt} was trained on {trained_on}, not on {unseen} "

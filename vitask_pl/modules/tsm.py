@@ -34,6 +34,7 @@ class TSMModule(L.LightningModule):
         pretrained: start from timm's pretrained weights.
         backbone_kwargs: extra ``timm.create_model`` arguments (``patch_size`` for a ViT at 28 px, ...).
         datasets: linked from ``--data.datasets``; defines the joint head and the per-dataset masks.
+        cards: linked from ``--data.datasets`` and ``--data.root``: the cards of imported datasets among them.
         image_size: linked from ``--data.size``; fixed-size backbones are built for it.
         optimizer: injected optimizer (AdamW by default).
         scheduler: injected LR scheduler; ``None`` means linear warmup then cosine decay per step.
@@ -46,6 +47,7 @@ class TSMModule(L.LightningModule):
         pretrained: bool = False,
         backbone_kwargs: dict | None = None,
         datasets: list[str] | None = None,
+        cards: dict[str, dict] | None = None,
         image_size: int = 28,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -53,7 +55,9 @@ class TSMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
+        self.specs = dataset_specs(
+            resolve_flags(datasets or "all", option="--model.init_args.datasets", cards=cards), cards
+        )
         self.tsm = TaskSpecificModel(
             backbone, pretrained=pretrained, image_size=image_size, backbone_kwargs=backbone_kwargs
         )

@@ -16,6 +16,7 @@ class VanillaInstructionTuning(VLMStage):
     Args:
         vlm: hub id, local directory (``save_pretrained``), or ``tiny:<family>`` for an offline tiny model.
         datasets: linked from ``--data.datasets``.
+        cards: linked from ``--data.datasets`` and ``--data.root``: the cards of imported datasets among them.
         image_size: linked from ``--data.size`` (tiny models are built for it).
         lora: LoRA rank, alpha, dropout and target layers (language model only).
         vlm_options: how the VLM is loaded and fed (dtype, attention, checkpointing, max length).
@@ -29,6 +30,7 @@ class VanillaInstructionTuning(VLMStage):
         self,
         vlm: str = DEFAULT_VLM,
         datasets: list[str] | None = None,
+        cards: dict[str, dict] | None = None,
         image_size: int = 28,
         lora: LoraSettings | None = None,
         vlm_options: VLMOptions | None = None,

@@ -28,6 +28,7 @@ class ExemplarPromptTuning(VLMStage):
         tsm_ckpt: checkpoint of the TSM stage (required).
         vlm: hub id, local directory, or ``tiny:<family>``.
         datasets: linked from ``--data.datasets``.
+        cards: linked from ``--data.datasets`` and ``--data.root``: the cards of imported datasets among them.
         image_size: linked from ``--data.size``.
         lora: LoRA settings (language model only).
         exemplar: exemplar tokens, feature kind and feature cache.
@@ -44,6 +45,7 @@ class ExemplarPromptTuning(VLMStage):
         tsm_ckpt: str | None = None,
         vlm: str = DEFAULT_VLM,
         datasets: list[str] | None = None,
+        cards: dict[str, dict] | None = None,
         image_size: int = 28,
         lora: LoraSettings | None = None,
         exemplar: ExemplarSettings | None = None,
@@ -70,6 +72,7 @@ class RDACRTTuning(VLMStage):
         init_from: stage-1 checkpoint (required).
         vlm: hub id, local directory, or ``tiny:<family>``.
         datasets: linked from ``--data.datasets``.
+        cards: linked from ``--data.datasets`` and ``--data.root``: the cards of imported datasets among them.
         image_size: linked from ``--data.size``.
         lora: LoRA settings (language model only).
         exemplar: exemplar tokens, feature kind and feature cache (as stage 1's).
@@ -87,6 +90,7 @@ class RDACRTTuning(VLMStage):
         init_from: str | None = None,
         vlm: str = DEFAULT_VLM,
         datasets: list[str] | None = None,
+        cards: dict[str, dict] | None = None,
         image_size: int = 28,
         lora: LoraSettings | None = None,
         exemplar: ExemplarSettings | None = None,

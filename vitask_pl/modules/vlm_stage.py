@@ -43,6 +43,7 @@ class VLMStage(L.LightningModule):
         *,
         vlm: str,
         datasets: list[str] | None,
+        cards: dict[str, dict] | None,
         image_size: int,
         lora: LoraSettings | None,
         vlm_options: VLMOptions | None,
@@ -58,7 +59,9 @@ class VLMStage(L.LightningModule):
         self.stage = stage_of(self)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         _plain_hparams(self)
-        self.specs = dataset_specs(resolve_flags(datasets or "all", option="--model.init_args.datasets"))
+        self.specs = dataset_specs(
+            resolve_flags(datasets or "all", option="--model.init_args.datasets", cards=cards), cards
+        )
         options = self.vlm_options = as_settings(VLMOptions, vlm_options)
         options.check()
         self.eval_settings = as_settings(EvalSettings, evaluation)
