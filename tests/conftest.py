@@ -90,6 +90,25 @@ def synth_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def digits_tree(tmp_path_factory):
+    """scikit-learn's bundled digit images (0-16 gray levels) as a PNG class-folder tree, 20 per class."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "tree"
+    data = load_digits()
+    seen: dict[int, int] = {}
+    for i, (image, label) in enumerate(zip(data.images, data.target)):
+        if seen.get(label, 0) == 20:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i:04d}.png")
+    return root
+
+
 def quick_trainer(max_steps: int, **overrides):
     """A CPU Trainer for a few steps that writes and prints nothing: no logger, checkpoints, bar, summary or
     validation unless ``overrides`` ask for them."""

@@ -23,6 +23,10 @@ TOOLS = {
         "vitask_pl.data.importer:import_dataset",
         "your images (class folders or a CSV; PNG/JPEG/TIFF/DICOM) as a dataset in the MedMNIST layout",
     ),
+    "classify": (
+        "vitask_pl.classify:classify",
+        "classify image files or folders (PNG/JPEG/TIFF/DICOM) with a tuned stage or an export: CSV/JSON per image",
+    ),
     "features": ("vitask_pl.models.tsm:export_features", "export a trained TSM's features of one split"),
     "tiny-vlm": ("vitask_pl.models.tiny:tiny_vlm", "build a tiny random-weight VLM of a real family, offline"),
     "bench": ("vitask_pl.bench:bench", "step time / peak memory ratios of the training and evaluation variants"),

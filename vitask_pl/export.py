@@ -9,6 +9,7 @@ connector as safetensors plus the JSON needed to rebuild it; and with ``merge`` 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def lora_weights(checkpoint: dict, cls: str, path: str) -> dict[str, torch.Tenso
     return {k[len(prefix) :]: v for k, v in lora.items()}
 
 
+def lora_key(peft_key: str) -> str:
+    """A LoRA key as PEFT saves it (``base_model.model.X.lora_A.weight``) back to the model's (``X.lora_A.default
+    .weight``): the inverse of what :func:`load_lora` and ``save_pretrained`` do to :func:`lora_weights`' keys."""
+    return re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", peft_key.removeprefix("base_model.model."))
+
+
+def connector_key(key: str) -> str:
+    """A ``connector.safetensors`` key back to the stage's state-dict key."""
+    return CONNECTOR_PREFIX + key
+
+
 def load_lora(peft_model, weights: dict[str, torch.Tensor], path: str, base: str) -> None:
     """Copy ``weights`` into ``peft_model``'s LoRA; every tensor must land on a LoRA parameter of the same shape and
     every LoRA parameter must get one, so an export is never silently partial."""
@@ -115,6 +127,8 @@ def _readme(provenance: dict) -> str:
             "`connector.safetensors` + `connector.json`: the TSM connector (`TSMConnector(**init_args)`), fed the "
             "features of `tsm_ckpt`; its exemplar tokens follow the last image token."
         )
+    if provenance.get("tsm"):
+        notes.append("`tsm.ckpt`: a copy of that TSM checkpoint.")
     if provenance["merged"]:
         notes.append(
             "`merged/`: the base with the LoRA merged in, `AutoModelForImageTextToText.from_pretrained(DIR/merged)`."
@@ -131,6 +145,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{provenance["base"]}"), "DIR")
 processor = AutoProcessor.from_pretrained("DIR")
 ```
+
+Classify image files with it: `vitask classify --model DIR --images '[scans/]' --out predictions.csv`.
 {tail}"""
 
 
@@ -182,16 +198,24 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
         "lora": dataclasses.asdict(settings),
         "connector": cls != VANILLA,
         "merged": merge,
+        "record": checkpoint["vitask"],
+        # what rebuilds the stage (datasets, cards, image size, LoRA, exemplar, options): `vitask classify` reads it
+        "hyper_parameters": {k: v for k, v in hp.items() if not k.startswith("_")},
     }
+    if cls != VANILLA:
+        tensors, connector = connector_files(checkpoint, ckpt)
+        save_file(tensors, tmp / "connector.safetensors")
+        # The TSM travels with the export, so it answers with the exemplar on another machine too.
+        tsm = connector["tsm_ckpt"]
+        provenance["tsm"] = "tsm.ckpt" if tsm and Path(tsm).is_file() else None
+        if provenance["tsm"]:
+            shutil.copyfile(tsm, tmp / "tsm.ckpt")
+        (tmp / "connector.json").write_text(json.dumps(connector, indent=2) + "\n")
     peft_model.save_pretrained(tmp)
     card = ModelCard.load(tmp / "README.md")  # PEFT's template card: keep its hub metadata, say what this is instead
     card.text = _readme(provenance)
     card.save(tmp / "README.md")
     processor.save_pretrained(tmp)
-    if cls != VANILLA:
-        tensors, connector = connector_files(checkpoint, ckpt)
-        save_file(tensors, tmp / "connector.safetensors")
-        (tmp / "connector.json").write_text(json.dumps(connector, indent=2) + "\n")
     (tmp / "vitask_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if merge:
         merged = peft_model.merge_and_unload()

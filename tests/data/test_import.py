@@ -14,30 +14,12 @@ from vitask_pl.data.catalog import dataset_specs, resolve_flags
 from vitask_pl.data.check import check
 from vitask_pl.data.files import load_split, npz_path
 from vitask_pl.data.images import read_image, to_array, window
-from vitask_pl.data.importer import import_dataset, stratified_split
+from vitask_pl.data.importer import import_dataset, manifest_path, stratified_split
 from vitask_pl.data.prompts import instruction
 from vitask_pl.errors import ConfigError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def digits_tree(tmp_path_factory):
-    """scikit-learn's bundled digit images (0-16 gray levels) as a PNG class-folder tree, 20 per class."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("digits") / "tree"
-    data = load_digits()
-    seen: dict[int, int] = {}
-    for i, (image, label) in enumerate(zip(data.images, data.target)):
-        if seen.get(label, 0) == 20:
-            continue
-        seen[label] = seen.get(label, 0) + 1
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i:04d}.png")
-    return root
 
 
 def test_digits_import_writes_the_medmnist_layout_and_a_card(digits_tree, tmp_path):
@@ -59,6 +41,17 @@ def test_digits_import_writes_the_medmnist_layout_and_a_card(digits_tree, tmp_pa
     assert instruction(specs[0]).startswith("Analyze the given handwritten digit image.")
     split = load_split(tmp_path, specs[0], 28, "test")
     assert split.images.shape[1:] == (28, 28, 1)
+    # The manifest says which file each row is: its label folder, and its pixels through the one preprocessing.
+    with open(manifest_path(out)) as f:
+        manifest = list(csv.DictReader(f))
+    assert len(manifest) == 200 and sorted({m["path"] for m in manifest}) == sorted(
+        map(str, digits_tree.rglob("*.png"))
+    )
+    with np.load(out) as npz:
+        for m in manifest[::17]:
+            row = int(m["row"])
+            assert m["label"] == digits_tree.joinpath(m["path"]).parent.name == str(npz[f"{m['split']}_labels"][row, 0])
+            assert np.array_equal(npz[f"{m['split']}_images"][row], to_array(read_image(m["path"]), 28, 1))
 
 
 def test_the_resize_is_a_centre_crop_and_one_bicubic_resize():

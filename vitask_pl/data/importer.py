@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitask_pl.data.cards import card_path, check_name, make_card
+from vitask_pl.data.cards import card_path, check_name, make_card, read_card
 from vitask_pl.data.catalog import SIZES, SPLITS, check_size, medmnist_info
 from vitask_pl.data.files import npz_path
 from vitask_pl.data.images import SUFFIXES, channels_of, is_image, read_image, to_array
@@ -242,8 +242,10 @@ def import_dataset(
     with atomic_path(out) as tmp:
         np.savez_compressed(tmp, **data)
     write_text(card_file, json.dumps(card, indent=2) + "\n")
+    write_manifest(out, [(SPLITS[k], str(path), names[t]) for k, (path, _, _), t in zip(split, items, targets)])
     for path in stale:  # --force over a dataset whose facts changed: its other sizes no longer match the card
         path.unlink()
+        manifest_path(path).unlink(missing_ok=True)
         print(f"removed {path}: made under the replaced card")
     print(
         f"imported {len(items)} images of {len(names)} classes as {name} ({size} px, "
@@ -254,14 +256,34 @@ def import_dataset(
     return out
 
 
+def manifest_path(npz: Path) -> Path:
+    return npz.with_suffix(".files.csv")
+
+
+def write_manifest(npz: Path, entries: list[tuple[str, str, str]]) -> Path:
+    """``{file}.files.csv`` beside the ``.npz``: which source file each row of each split is (``split,row,path,
+    label``), so a prediction or a feature traces back to its image."""
+    import io
+
+    text, rows = io.StringIO(), {s: 0 for s in SPLITS}
+    writer = csv.writer(text)
+    writer.writerow(["split", "row", "path", "label"])
+    for split, path, label in sorted(entries, key=lambda e: SPLITS.index(e[0])):  # stable: a split's file order
+        writer.writerow([split, rows[split], path, label])
+        rows[split] += 1
+    from vitask_pl.atomic import write_text
+
+    return write_text(manifest_path(npz), text.getvalue())
+
+
 def _other_card(path: Path, card: dict, size: int, force: bool) -> list[Path]:
     """A card is shared by every size of a dataset: another size may be added only with the same facts. Returns
     the other sizes' files that ``force`` makes stale."""
     if not path.is_file():
         return []
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
+        old = read_card(path.parent, card["name"], "--name")
+    except ConfigError:  # unreadable or hand-broken: nothing of it can match, so only --force replaces it
         old = {}
     facts = ("shares", "task", "labels", "modality", "n_channels", "n_samples")
     differ = [k for k in facts if old.get(k) != card[k]]

@@ -25,7 +25,7 @@ def log_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def write_json(path: Path, payload: dict) -> Path:
+def write_json(path: Path, payload: dict | list) -> Path:
     """Write atomically, so an interrupted run never leaves a truncated file behind."""
     return write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 

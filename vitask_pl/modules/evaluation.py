@@ -49,11 +49,10 @@ class Evaluation(nn.Module):
         """Run the protocols on one batch; returns ``{protocol: (B, K) joint probabilities}`` for predictions."""
         out = {}
         for protocol in protocols:
-            prefix = encode_prefix(vlm, batch, exemplars)  # each protocol consumes its own cache
             if protocol == "score":
-                loglik = candidate_loglik(vlm, prefix, batch["cand_ids"], batch["cand_mask"])
-                probs, invalid = score_to_probs(loglik, batch["cand_valid"], batch["dataset"], self.specs), None
+                probs, invalid = class_probabilities(vlm, batch, self.specs, exemplars), None
             else:
+                prefix = encode_prefix(vlm, batch, exemplars)
                 tokens = greedy_generate(vlm, prefix, self.max_new_tokens, self.stop_ids)
                 texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
                 probs, invalid = generation_to_probs(texts, batch["dataset"].cpu(), self.specs)
@@ -76,6 +75,21 @@ class Evaluation(nn.Module):
         return results
 
 
+@torch.no_grad()
+def class_probabilities(vlm: VLM, batch: dict, specs: Sequence[DatasetSpec], exemplars=None) -> torch.Tensor:
+    """``(B, K)`` joint-space class probabilities of the ``score`` protocol: the candidates' likelihoods after
+    one encoding of each prompt (its cache is consumed here)."""
+    prefix = encode_prefix(vlm, batch, exemplars)
+    loglik = candidate_loglik(vlm, prefix, batch["cand_ids"], batch["cand_mask"])
+    return score_to_probs(loglik, batch["cand_valid"], batch["dataset"], specs)
+
+
+def answer(spec: DatasetSpec, probs: torch.Tensor) -> str:
+    """The class (or, multi-label, the findings above 0.5) that ``probs`` (this dataset's block) picks."""
+    picked = (probs > 0.5).nonzero()[:, 0].tolist() if spec.multi_label else [int(probs.argmax())]
+    return "; ".join(spec.labels[k] for k in picked) or "no finding"
+
+
 def log_validation(module: L.LightningModule, results: dict, protocol: str) -> None:
     """Log every validation number; ``val/avg/acc`` (the checkpoint monitor) is the VLM alone under ``protocol``."""
     module.log("val/avg/acc", results["wo_ep"][protocol]["avg"]["acc"], prog_bar=True)
@@ -95,7 +109,6 @@ def predict_rows(specs, batch: dict, probs: dict) -> list[dict]:
         cols = slice(spec.offset, spec.offset + spec.num_classes)
         for mode, by_protocol in probs.items():
             p = by_protocol["score"][b, cols]
-            pred = (p > 0.5).nonzero()[:, 0].tolist() if spec.multi_label else [int(p.argmax())]
             truth = batch["targets"][b, cols].nonzero()[:, 0].tolist()
             rows.append(
                 {
@@ -103,7 +116,7 @@ def predict_rows(specs, batch: dict, probs: dict) -> list[dict]:
                     "index": i,
                     "mode": mode,
                     "label": "; ".join(spec.labels[k] for k in truth) or "no finding",
-                    "prediction": "; ".join(spec.labels[k] for k in pred) or "no finding",
+                    "prediction": answer(spec, p),
                     **{f"p[{name}]": round(float(v), 6) for name, v in zip(spec.labels, p.tolist())},
                 }
             )

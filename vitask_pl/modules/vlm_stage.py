@@ -21,7 +21,14 @@ from vitask_pl.losses import crt, rda_kl, response_nll
 from vitask_pl.models.exemplar import insert_slots
 from vitask_pl.models.vitask_model import VITaskModel, is_adapter
 from vitask_pl.models.vlm import LoraSettings, build_vlm
-from vitask_pl.modules.evaluation import Evaluation, log_test, log_validation, predict_rows, write_stage_predictions
+from vitask_pl.modules.evaluation import (
+    Evaluation,
+    class_probabilities,
+    log_test,
+    log_validation,
+    predict_rows,
+    write_stage_predictions,
+)
 from vitask_pl.modules.exemplar_source import ExemplarSource, require
 from vitask_pl.modules.optim import configure_optimizers
 from vitask_pl.modules.settings import EvalSettings, ExemplarSettings, Objective, VLMOptions, as_settings
@@ -165,17 +172,32 @@ class VLMStage(L.LightningModule):
 
     # -- evaluation ---------------------------------------------------------------------------------------
 
-    def evaluate(self, batch: dict, split: str, protocols) -> dict:
-        """Every mode of the stage: the VLM alone and, for VITask, with the exemplar; ``{mode: {protocol: probs}}``."""
-        vlm, tok = self.model.vlm, self.collate.tokenizer
-        out = {"wo_ep": self.evaluation.update(vlm, batch, split, "wo_ep", protocols, tok)}
+    def mode_inputs(self, batch: dict, split: str):
+        """``(mode, batch, exemplars)`` of every mode of the stage: the VLM alone and, for VITask, the batch with
+        exemplar slots and its flat ``(B * K, D)`` exemplars from the TSM's features."""
+        yield "wo_ep", batch, None
         if self.model.source is not None:
             features = self.model.source.features(batch, split)
+            vlm = self.model.vlm
             ep = insert_slots(batch, self.model.num_slots(features), vlm.image_token_id, self.collate.pad_id)
             exemplars = self.model.exemplars(features)
-            flat = exemplars.reshape(-1, exemplars.shape[-1])
-            out["w_ep"] = self.evaluation.update(vlm, ep, split, "w_ep", protocols, tok, flat)
-        return out
+            yield "w_ep", ep, exemplars.reshape(-1, exemplars.shape[-1])
+
+    def evaluate(self, batch: dict, split: str, protocols) -> dict:
+        """Metrics of every mode on one batch; ``{mode: {protocol: probs}}``."""
+        vlm, tok = self.model.vlm, self.collate.tokenizer
+        return {
+            mode: self.evaluation.update(vlm, view, split, mode, protocols, tok, exemplars)
+            for mode, view, exemplars in self.mode_inputs(batch, split)
+        }
+
+    @torch.no_grad()
+    def class_probabilities(self, batch: dict, split: str = "test") -> dict[str, torch.Tensor]:
+        """``{mode: (B, K)}`` score-protocol probabilities of one batch, recording no metric (the classifier's)."""
+        return {
+            mode: class_probabilities(self.model.vlm, view, self.specs, exemplars)
+            for mode, view, exemplars in self.mode_inputs(batch, split)
+        }
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluate(batch, "val", self.eval_settings.val_protocols)

@@ -1,0 +1,172 @@
+"""`vitask classify`: image files through a tuned stage, from its checkpoint or its export, give the probabilities
+`vitask predict` gives on the same test split, with and without the exemplar; bad inputs are one line and
+overwrite nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitask_pl.classify import Classifier
+from vitask_pl.data.datamodule import MedMNISTDataModule
+from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.export import export
+from vitask_pl.modules.vitask import ExemplarPromptTuning
+
+from .conftest import make_tsm_ckpt, quick_trainer, run
+from .test_export import FLAGS, LORA, fit_and_save, sharp_base
+
+TOL = 2e-6  # predictions.csv rounds to 6 decimals
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_split_images(root, flag: str, out, size: int = 28):
+    """The test split of ``flag`` as PNG files named by row, so a folder's sorted order is the split's."""
+    from PIL import Image
+
+    out.mkdir(parents=True)
+    with np.load(root / f"{flag}.npz") as npz:
+        for i, image in enumerate(npz["test_images"]):
+            Image.fromarray(image).save(out / f"{i:03d}.png")
+    return out
+
+
+def by_index(rows: list[dict], flag: str, mode: str) -> dict[int, list[float]]:
+    """predictions.csv's class probabilities of one dataset and mode, by test-split row."""
+    return {
+        int(r["index"]): [float(v) for k, v in r.items() if k.startswith("p[") and v != ""]
+        for r in rows
+        if r["dataset"] == flag and r["mode"] == mode
+    }
+
+
+def probs(rows: list[dict], mode: str) -> np.ndarray:
+    return np.array([list(r[mode]["probs"].values()) for r in rows])
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_dirs, tsm_ckpt, synth_root, feature_cache_dir, tmp_path_factory):
+    """A stage-1 checkpoint of a sharp tiny InternVL (its outputs depend on the image and on the exemplar)."""
+    root = tmp_path_factory.mktemp("classify")
+    base = sharp_base(tiny_dirs["internvl"], root / "base")
+    module = ExemplarPromptTuning(
+        tsm_ckpt=tsm_ckpt,
+        vlm=base,
+        datasets=FLAGS,
+        lora=LORA,
+        exemplar={"cache_dir": feature_cache_dir},  # predict reads the cache; classify runs the TSM on its images
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    return fit_and_save(module, synth_root, root), module
+
+
+@pytest.fixture(scope="module")
+def predicted(stage, synth_root, tmp_path_factory):
+    """predictions.csv of the stage's predict loop (what `vitask predict` runs) on the test splits: the reference.
+    Its exemplar features come from the feature cache; classify runs the TSM on the files."""
+    path, module = stage
+    out = tmp_path_factory.mktemp("predict")
+    dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0)
+    quick_trainer(1, default_root_dir=out).predict(module.eval(), datamodule=dm)
+    return read_csv(out / "predictions.csv")
+
+
+@pytest.mark.parametrize("flag", FLAGS)  # RGB multi-class, gray multi-label
+def test_classify_files_equals_predict_on_the_split(flag, stage, predicted, synth_root, tmp_path):
+    images = write_split_images(synth_root, flag, tmp_path / "images")
+    clf = Classifier.load(stage[0], flag, device="cpu")
+    assert clf.modes == ("wo_ep", "w_ep")
+    rows = clf.predict(images)  # a folder, read in sorted order
+    assert [r["image"] for r in rows] == [str(p) for p in sorted(images.iterdir())]
+    for mode in clf.modes:
+        reference = by_index(predicted, flag, mode)
+        assert len(reference) == len(rows) > 0
+        np.testing.assert_allclose(probs(rows, mode), [reference[i] for i in range(len(rows))], atol=TOL, rtol=0)
+    assert not np.allclose(probs(rows, "wo_ep"), probs(rows, "w_ep"), atol=1e-2)  # the exemplar reaches them
+    # Arrays in, as a notebook has them: the same rows.
+    with np.load(synth_root / f"{flag}.npz") as npz:
+        arrays = list(npz["test_images"][:3])
+    np.testing.assert_allclose(probs(clf.predict(arrays), "w_ep"), probs(rows[:3], "w_ep"), atol=1e-6, rtol=0)
+
+
+def test_an_export_classifies_as_its_checkpoint_and_carries_its_tsm(stage, synth_root, tmp_path):
+    images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
+    folder = export(stage[0], out=str(tmp_path / "export"))
+    assert (folder / "tsm.ckpt").is_file()
+    ours = Classifier.load(stage[0], FLAGS[0], device="cpu").predict(images)
+    theirs = Classifier.load(folder, FLAGS[0], device="cpu").predict(images)
+    for mode in ("wo_ep", "w_ep"):
+        np.testing.assert_allclose(probs(theirs, mode), probs(ours, mode), atol=1e-6, rtol=0)
+
+
+def test_plugging_another_tsm_changes_only_the_exemplar_answers(stage, synth_root, tmp_path):
+    images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
+    other = make_tsm_ckpt(synth_root, [FLAGS[0]], tmp_path / "other.ckpt", seed=3)
+    original = Classifier.load(stage[0], FLAGS[0], device="cpu").predict(images)
+    plugged = Classifier.load(stage[0], FLAGS[0], tsm_ckpt=other, device="cpu").predict(images)
+    np.testing.assert_array_equal(probs(plugged, "wo_ep"), probs(original, "wo_ep"))
+    assert not np.allclose(probs(plugged, "w_ep"), probs(original, "w_ep"), atol=1e-3)
+    alone = Classifier.load(stage[0], FLAGS[0], ep=False, device="cpu")
+    assert alone.modes == ("wo_ep",)
+    np.testing.assert_array_equal(probs(alone.predict(images), "wo_ep"), probs(original, "wo_ep"))
+
+
+def test_the_command_writes_csv_and_json_and_never_overwrites(stage, synth_root, tmp_path, capsys):
+    images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
+    argv = ["classify", "--model", stage[0], "--dataset", FLAGS[0], "--images", f"[{images}]", "--device", "cpu"]
+    code, out, err = run([*argv, "--out", str(tmp_path / "p.csv")], capsys)
+    assert code == 0, err
+    assert f"classify: {len(list(images.iterdir()))} images of {FLAGS[0]} (wo_ep, w_ep)" in out
+    rows = read_csv(tmp_path / "p.csv")
+    spec = Classifier.load(stage[0], FLAGS[0], device="cpu").spec
+    assert list(rows[0]) == ["image", "dataset"] + [
+        c for m in ("wo_ep", "w_ep") for c in [f"{m}_answer", *(f"{m}_p[{label}]" for label in spec.labels)]
+    ]
+    for row in rows:  # the answer is the most probable class
+        p = [float(row[f"wo_ep_p[{label}]"]) for label in spec.labels]
+        assert row["wo_ep_answer"] == spec.labels[int(np.argmax(p))]
+    assert run([*argv, "--out", str(tmp_path / "p.json")], capsys)[0] == 0
+    loaded = json.loads((tmp_path / "p.json").read_text())
+    assert [r["image"] for r in loaded] == [r["image"] for r in rows]
+    csv_probs = [float(r[f"w_ep_p[{spec.labels[0]}]"]) for r in rows]
+    np.testing.assert_allclose(probs(loaded, "w_ep")[:, 0], csv_probs, atol=TOL, rtol=0)
+
+    before = (tmp_path / "p.csv").read_bytes()
+    code, _, err = run([*argv, "--out", str(tmp_path / "p.csv")], capsys)
+    assert code != 0 and "p.csv" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "p.csv").read_bytes() == before
+
+
+def test_bad_inputs_are_one_line(stage, synth_root, tmp_path):
+    images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
+    (images / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"broken.png: not a readable image"):
+        Classifier.load(stage[0], FLAGS[0], device="cpu").predict(images)
+    with pytest.raises(ConfigError, match=r"--model: .* differs in datasets"):
+        Classifier.load(stage[0], "pneumoniamnist", device="cpu")
+    with pytest.raises(ConfigError, match=r"--dataset: the stage was tuned on"):
+        Classifier.load(stage[0], device="cpu")
+    with pytest.raises(MissingFileError, match=r"--tsm_ckpt: .*nope.ckpt.*--ep false"):
+        Classifier.load(stage[0], FLAGS[0], tsm_ckpt=str(tmp_path / "nope.ckpt"), device="cpu")
+    with pytest.raises(ConfigError, match=r"--tsm_ckpt: .* --ep is false"):
+        Classifier.load(stage[0], FLAGS[0], tsm_ckpt="x.ckpt", ep=False, device="cpu")
+    with pytest.raises(MissingFileError, match=r"--model: .* is a folder without vitask_export.json"):
+        Classifier.load(tmp_path, FLAGS[0])
+    gray = np.zeros((28, 28), np.uint8)  # dermamnist is RGB
+    clf = Classifier.load(stage[0], FLAGS[0], device="cpu")
+    with pytest.raises(ConfigError, match=r"images\[0\]: gray but the dataset is RGB; pass --convert true"):
+        clf.predict([gray])
+    with pytest.raises(ConfigError, match=r"images\[0\]: an array of float64"):
+        clf.predict([np.zeros((28, 28, 3))])
+    from vitask_pl.classify import classify
+
+    with pytest.raises(ConfigError, match=r"--out: .*p.txt is neither .csv nor .json"):
+        classify([str(images)], stage[0], FLAGS[0], out=str(tmp_path / "p.txt"))

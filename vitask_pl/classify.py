@@ -1,0 +1,338 @@
+"""``vitask classify``: a tuned VLM stage as a classifier of image files (PNG, JPEG, TIFF, DICOM, or folders).
+
+Images take the training path: :func:`vitask_pl.data.images.read_image` and :func:`~vitask_pl.data.images.to_array`
+(the import's reading, channels, centre crop and bicubic resize to the stage's image size), then the stage's own
+collate (processor, chat template, candidates) and its ``score`` protocol. So the probabilities of a test split's
+files are those ``vitask predict`` gives on that split. With a TSM (a VITask stage) each image is answered twice:
+by the VLM alone (``wo_ep``, the deployment setting) and with the TSM's exemplar (``w_ep``); another TSM trained
+on the images' dataset may be plugged in (VITask^plug), without re-tuning the VLM or the connector.
+
+From Python (a notebook)::
+
+    clf = Classifier.load("runs/export", dataset="aptos", root="data/external")
+    rows = clf.predict(["scan1.png", "scan2.dcm"])  # [{"image", "dataset", "wo_ep": {"answer", "probs"}, ...}]
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitask_pl.atomic import overwrite_error
+from vitask_pl.data.cards import read_card
+from vitask_pl.data.catalog import FLAGS
+from vitask_pl.data.dataset import JointDataset
+from vitask_pl.data.files import Split
+from vitask_pl.data.images import is_image, read_image, to_array
+from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.eval.results import write_json, write_predictions
+from vitask_pl.fingerprint import compare
+from vitask_pl.modules.evaluation import answer
+from vitask_pl.stages import STAGES
+
+EXPORT_RECORD = "vitask_export.json"  # the provenance `vitask export` writes; its presence makes a folder an export
+SOURCE = "a VLM stage checkpoint (`vitask fit`'s checkpoints/last.ckpt) or a `vitask export` folder"
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+def _adapters_from_checkpoint(path: Path) -> tuple[dict, dict, dict, str | None]:
+    """``(hyperparameters, fingerprint record, adapter tensors, TSM file)`` of a stage checkpoint."""
+    from vitask_pl.export import read_checkpoint
+    from vitask_pl.models.vitask_model import is_adapter
+
+    checkpoint, _ = read_checkpoint(str(path))
+    adapters = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
+    return checkpoint["hyper_parameters"], checkpoint["vitask"], adapters, None
+
+
+def _adapters_from_export(folder: Path) -> tuple[dict, dict, dict, str | None]:
+    """The same, from an export folder: its LoRA (PEFT keys) and connector mapped back to the stage's keys."""
+    from safetensors.torch import load_file
+
+    from vitask_pl.export import VLM_PREFIX, connector_key, lora_key
+
+    provenance = json.loads((folder / EXPORT_RECORD).read_text())
+    if "hyper_parameters" not in provenance:
+        raise ConfigError(
+            f"--model: {folder} was exported by an earlier vitask, without the stage's hyperparameters; export the "
+            f"checkpoint again (`vitask export CKPT --out DIR --force`)."
+        )
+    adapters = {VLM_PREFIX + lora_key(k): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    tsm = None
+    if provenance["connector"]:
+        adapters.update({connector_key(k): v for k, v in load_file(folder / "connector.safetensors").items()})
+        tsm = str(folder / "tsm.ckpt") if (folder / "tsm.ckpt").is_file() else None
+    return provenance["hyper_parameters"], provenance["record"], adapters, tsm
+
+
+class Classifier:
+    """A tuned VLM stage that answers one dataset's question about images, with class probabilities.
+
+    Build it with :meth:`load`; :meth:`predict` takes paths (files or folders), uint8 arrays or PIL images.
+
+    Args:
+        module: a VLM stage whose exemplar source (if any) runs the TSM on each batch (no feature cache).
+        dataset: the dataset (a MedMNIST flag or an imported card) whose instruction and classes are asked.
+        convert: convert an image of the other channel count (luminance, or gray copied to RGB), as the import does.
+        batch_size: images per forward.
+    """
+
+    def __init__(self, module, dataset: str, *, convert: bool = False, batch_size: int = 16):
+        self.module = module.eval()
+        (self.spec,) = [s for s in module.specs if s.flag == dataset]
+        self.size = int(module.hparams["image_size"])
+        self.convert, self.batch_size = convert, batch_size
+        self.modes = module.modes
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        dataset: str | None = None,
+        *,
+        root: str | Path = "data/medmnist",
+        tsm_ckpt: str | None = None,
+        ep: bool = True,
+        convert: bool = False,
+        batch_size: int = 16,
+        device: str = "auto",
+    ) -> Classifier:
+        """A classifier from a stage checkpoint or an export folder.
+
+        Args:
+            model: a vanilla, ep or rda_crt stage checkpoint, or a folder written by ``vitask export``.
+            dataset: what the images are: a dataset the stage was tuned on, or an imported one whose card (under
+                ``root``) shares a tuned dataset's label space. Default: the stage's one dataset.
+            root: where an imported dataset's card is (cards of the tuned datasets travel in the stage).
+            tsm_ckpt: the TSM for ``w_ep``; default the stage's own (an export's copy, else the path it was tuned
+                with). A TSM trained on ``dataset`` itself is VITask^plug.
+            ep: answer with the exemplar too (VITask stages); ``false``: the VLM alone, no TSM needed.
+            convert: convert images of the other channel count instead of refusing them.
+            batch_size: images per forward.
+            device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``...
+        """
+        from vitask_pl.modules.vanilla import VanillaInstructionTuning
+        from vitask_pl.modules.vitask import ExemplarPromptTuning
+
+        path = Path(model).expanduser()
+        if (path / EXPORT_RECORD).is_file():
+            hp, record, adapters, exported_tsm = _adapters_from_export(path)
+        elif path.is_file():
+            hp, record, adapters, exported_tsm = _adapters_from_checkpoint(path)
+        else:
+            what = "a folder without " + EXPORT_RECORD if path.is_dir() else "not there"
+            raise MissingFileError(f"--model: {model} is {what}; pass {SOURCE}.")
+        trained = list(hp["datasets"])
+        card = _card(dataset, trained, hp.get("cards") or {}, root)
+        name = card["name"] if card else dataset or trained[0]
+        run = {"stage": record["stage"], "datasets": [name]}
+        if card and card["shares"]:
+            run["shares"] = {name: card["shares"]}
+        compare(record, run, path=model, option="--model")
+
+        vitask = record["stage"] != STAGES["vanilla"].class_name
+        with_ep = vitask and ep
+        # Inference differs between the stages only in whether a TSM answers too, so the classifier builds the one
+        # it needs: stage 1's class for VITask with the exemplar (stage 2's would re-read its init_from), vanilla's
+        # for the VLM alone. The adapters are loaded over it and must all fit.
+        klass = ExemplarPromptTuning if with_ep else VanillaInstructionTuning
+        kwargs = {**hp, "datasets": [name], "cards": {name: card} if card else None}
+        if with_ep:
+            kwargs["tsm_ckpt"] = _tsm(tsm_ckpt, exported_tsm, hp.get("tsm_ckpt"))
+            kwargs["exemplar"] = {**(hp.get("exemplar") or {}), "feature_cache": False}  # the TSM runs on the images
+        elif tsm_ckpt:
+            raise ConfigError(
+                f"--tsm_ckpt: {tsm_ckpt} is given but "
+                f"{'--ep is false' if vitask else f'{model} is vanilla IT, which has no connector'}; drop one."
+            )
+        kwargs.pop("objective", None)  # training's only
+        accepted = inspect.signature(klass.__init__).parameters
+        module = klass(**{k: v for k, v in kwargs.items() if k in accepted})
+        _load_adapters(module, adapters, model, vitask and not with_ep)
+        module.to(_device(device))
+        return cls(module, name, convert=convert, batch_size=batch_size)
+
+    def arrays(self, images: Sequence) -> tuple[list[str], np.ndarray]:
+        """Names and ``(N, S, S, C)`` uint8 arrays of ``images`` (paths, folders, arrays, PIL images), as trained."""
+        names, arrays = [], []
+        for i, item in enumerate(images):
+            for name, pixels in _read(item, i):
+                array = to_array(pixels, self.size, self.spec.n_channels, convert=self.convert, source=name)
+                names.append(name)
+                arrays.append(array if array.ndim == 3 else array[..., None])
+        if not arrays:
+            raise ConfigError(f"--images: {list(map(str, images))} holds no image; pass image files or folders.")
+        return names, np.stack(arrays)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence) -> list[dict]:
+        """One row per image: ``{"image", "dataset", mode: {"answer", "probs": {class: p}}}`` for each mode."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+        from torch.utils.data import DataLoader
+
+        names, arrays = self.arrays([images] if isinstance(images, (str, Path)) else images)
+        unknown = np.zeros((len(arrays), self.spec.label_width), np.int64)  # the collate renders a response; unused
+        data = JointDataset([self.spec], [Split(arrays, unknown)])
+        loader = DataLoader(data, batch_size=self.batch_size, collate_fn=self.module.collate)
+        device = next(self.module.parameters()).device
+        rows = []
+        for batch in loader:
+            probs = self.module.class_probabilities(move_data_to_device(batch, device))
+            for b in range(len(batch["dataset"])):
+                row = {"image": names[len(rows)], "dataset": self.spec.flag}
+                for mode, p in probs.items():
+                    p = p[b, : self.spec.num_classes].cpu()
+                    row[mode] = {"answer": answer(self.spec, p), "probs": dict(zip(self.spec.labels, p.tolist()))}
+                rows.append(row)
+        return rows
+
+
+def _card(dataset: str | None, trained: list[str], cards: dict, root) -> dict | None:
+    """The card of ``dataset`` (``None`` for a MedMNIST flag): the stage's own, else read under ``root``."""
+    if dataset is None:
+        if len(trained) > 1:
+            raise ConfigError(
+                f"--dataset: the stage was tuned on {trained}; name the images' dataset, e.g. --dataset {trained[0]}."
+            )
+        dataset = trained[0]
+    dataset = dataset.lower()
+    if dataset in FLAGS:
+        return None
+    return cards.get(dataset) or read_card(root, dataset, "--dataset")
+
+
+def _tsm(given: str | None, exported: str | None, trained_with: str | None) -> str:
+    path = given or exported or trained_with
+    if not path or not Path(path).is_file():
+        raise MissingFileError(
+            f"--tsm_ckpt: the stage's TSM {path or '(none recorded)'} is not there; pass --tsm_ckpt PATH (the TSM it "
+            f"was tuned with, or one trained on these images' dataset: VITask^plug), or --ep false for the VLM alone."
+        )
+    return path
+
+
+def _load_adapters(module, adapters: dict, source, drop_connector: bool) -> None:
+    """Every adapter of ``module`` from ``adapters`` and every adapter given used (the connector may be dropped
+    when the VLM answers alone), so a classifier is never silently half-trained."""
+    from vitask_pl.models.vitask_model import ADAPTER_PREFIX, is_adapter
+
+    if drop_connector:
+        adapters = {k: v for k, v in adapters.items() if not k.startswith(ADAPTER_PREFIX)}
+    ours = {k: v for k, v in module.state_dict().items() if is_adapter(k)}
+    missing = [k for k in ours if k not in adapters]
+    unused = [k for k, v in adapters.items() if k not in ours or ours[k].shape != v.shape]
+    if missing or unused:
+        first = f"nothing for {missing[0]}" if missing else f"{unused[0]} has no place"
+        raise ConfigError(
+            f"--model: {source}'s adapters do not fit the model its hyperparameters build ({first}; "
+            f"{len(missing)} missing, {len(unused)} unused); export or train it again with this vitask."
+        )
+    module.load_state_dict(adapters, strict=False)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+
+
+def _read(item, position: int) -> list[tuple[str, np.ndarray]]:
+    """``(name, uint8 pixels)`` of one input: a file, every image under a folder (sorted), an array or PIL image."""
+    if isinstance(item, (str, Path)):
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if is_image(p))
+            if not files:
+                raise ConfigError(f"--images: {item} holds no PNG, JPEG, TIFF, BMP or DICOM file; check the folder.")
+            return [(str(p), read_image(p)) for p in files]
+        return [(str(item), read_image(path))]
+    pixels = np.asarray(item)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
+        raise ConfigError(
+            f"images[{position}]: an array of {pixels.dtype} {pixels.shape}; pass uint8 (H, W) gray or (H, W, 3) RGB."
+        )
+    return [(f"images[{position}]", pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)]
+
+
+def flat_rows(rows: list[dict]) -> list[dict]:
+    """CSV columns: ``image``, ``dataset``, then per mode ``{mode}_answer`` and ``{mode}_p[class]``."""
+    flat = []
+    for row in rows:
+        out = {"image": row["image"], "dataset": row["dataset"]}
+        for mode in (m for m in ("wo_ep", "w_ep") if m in row):
+            out[f"{mode}_answer"] = row[mode]["answer"]
+            out.update({f"{mode}_p[{c}]": round(p, 6) for c, p in row[mode]["probs"].items()})
+        flat.append(out)
+    return flat
+
+
+def classify(
+    images: list[str],
+    model: str,
+    dataset: str | None = None,
+    out: str = "predictions.csv",
+    root: str = "data/medmnist",
+    tsm_ckpt: str | None = None,
+    ep: bool = True,
+    convert: bool = False,
+    batch_size: int = 16,
+    device: str = "auto",
+    force: bool = False,
+) -> Path:
+    """Classify image files with a tuned stage: one row per image, the answer and the class probabilities, without
+    the TSM (``wo_ep``) and, for a VITask stage, with it (``w_ep``).
+
+    Args:
+        images: image files and folders (PNG, JPEG, TIFF, BMP, DICOM; folders are read recursively), e.g.
+            ``--images '[scans/, extra.dcm]'``.
+        model: a vanilla, ep or rda_crt stage checkpoint, or a folder written by ``vitask export``.
+        dataset: the images' dataset: a tuned flag, or an imported card under ``--root`` that shares its label
+            space. Default: the stage's one dataset.
+        out: ``.csv`` (a column per class and mode) or ``.json`` (a list of rows).
+        root: folder of imported datasets' cards.
+        tsm_ckpt: the TSM for ``w_ep`` (default: the stage's own); one trained on ``dataset`` is VITask^plug.
+        ep: also answer with the exemplar (VITask stages); ``false``: the VLM alone.
+        convert: convert images of the other channel count instead of refusing them.
+        batch_size: images per forward.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        force: replace ``--out`` if it exists.
+
+    Returns:
+        The file written.
+    """
+
+    target = Path(out).expanduser()
+    if target.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--out: {out} is neither .csv nor .json; name the file predictions.csv or .json.")
+    if target.exists() and not force:
+        raise overwrite_error(target)
+    clf = Classifier.load(
+        model,
+        dataset,
+        root=root,
+        tsm_ckpt=tsm_ckpt,
+        ep=ep,
+        convert=convert,
+        batch_size=batch_size,
+        device=device,
+    )
+    rows = clf.predict([images] if isinstance(images, str) else images)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix.lower() == ".json":
+        write_json(target, rows)
+    else:
+        write_predictions(target, flat_rows(rows))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[clf.modes[0]]["answer"]] = counts.get(row[clf.modes[0]]["answer"], 0) + 1
+    summary = ", ".join(f"{a} {n}" for a, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"classify: {len(rows)} images of {clf.spec.flag} ({', '.join(clf.modes)}) -> {target}; {summary}")
+    return target
