@@ -170,3 +170,53 @@ def test_bad_inputs_are_one_line(stage, synth_root, tmp_path):
 
     with pytest.raises(ConfigError, match=r"--out: .*p.txt is neither .csv nor .json"):
         classify([str(images)], stage[0], FLAGS[0], out=str(tmp_path / "p.txt"))
+
+
+@pytest.mark.slow
+def test_digits_import_check_tsm_vlm_test_and_classify_agree(digits_tree, feature_cache_dir, tmp_path, capsys):
+    """scikit-learn's digit PNGs through the README's commands: import, check, a TSM, stage 1 on them, then `vitask
+    test`, `vitask predict` and `vitask classify` on the original files of the test split agree."""
+    from .conftest import stage_configs, tsm_fit
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    digits = ["--root", str(data), "--name", "digits", "--modality", "handwritten digit"]
+    assert run(["data", "import", "--source", str(digits_tree), *digits], capsys)[0] == 0
+    assert run(["data", "check", "--root", str(data), "--datasets", "[digits]"], capsys)[0] == 0
+    code, _, err = run(tsm_fit(data, runs / "tsm", datasets="[digits]"), capsys)
+    assert code == 0, err
+    tsm = str(runs / "tsm/checkpoints/last.ckpt")
+    code, _, err = run(
+        tsm_fit(data, runs / "tsm_test", "--ckpt_path", tsm, command="test", datasets="[digits]"), capsys
+    )
+    assert code == 0, err
+    assert "digits" in json.loads(next((runs / "tsm_test").rglob("metrics.json")).read_text())
+
+    where = ["--data.root", str(data), "--data.datasets", "[digits]", "--data.num_workers", "0"]
+    where += ["--model.init_args.vlm", "tiny:internvl", "--model.init_args.tsm_ckpt", tsm]
+    where += ["--model.init_args.exemplar.cache_dir", feature_cache_dir, "--trainer.enable_progress_bar", "false"]
+    fit = ["fit", *stage_configs("ep"), *where, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"]
+    code, _, err = run([*fit, "--data.batch_size", "4", "--trainer.default_root_dir", str(runs / "ep")], capsys)
+    assert code == 0, err
+    stage = str(runs / "ep/checkpoints/last.ckpt")
+    for command in ("test", "predict"):
+        argv = [command, *stage_configs("ep"), *where, "--ckpt_path", stage]
+        code, _, err = run([*argv, "--trainer.default_root_dir", str(runs / command)], capsys)
+        assert code == 0, err
+    metrics = json.loads(next((runs / "test").rglob("metrics.json")).read_text())
+    predicted = read_csv(next((runs / "predict").rglob("predictions.csv")))
+
+    with open(data / "digits.files.csv") as f:
+        test_files = [m for m in csv.DictReader(f) if m["split"] == "test"]
+    assert [int(m["row"]) for m in test_files] == list(range(len(test_files)))
+    images = f"[{','.join(m['path'] for m in test_files)}]"
+    out = tmp_path / "classified.csv"
+    code, _, err = run(["classify", "--model", stage, "--images", images, "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err  # --dataset defaults to the stage's one dataset
+    rows = read_csv(out)
+    assert [r["image"] for r in rows] == [m["path"] for m in test_files]
+    for mode in ("wo_ep", "w_ep"):
+        reference = by_index(predicted, "digits", mode)
+        ours = [[float(v) for k, v in r.items() if k.startswith(f"{mode}_p[")] for r in rows]
+        np.testing.assert_allclose(ours, [reference[i] for i in range(len(rows))], atol=TOL, rtol=0)
+        acc = np.mean([r[f"{mode}_answer"] == m["label"] for r, m in zip(rows, test_files)])
+        assert acc == pytest.approx(metrics[mode]["score"]["digits"]["acc"], abs=1e-6)
