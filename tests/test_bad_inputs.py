@@ -99,6 +99,7 @@ def _write_junk(junk: Path, tsm_ckpt: Path, vlm: Path) -> None:
     junk.mkdir()
     (junk / "garbage.ckpt").write_bytes(b"not a checkpoint\n" * 64)
     (junk / "truncated.ckpt").write_bytes(tsm_ckpt.read_bytes()[:4096])
+    (junk / "predictions.csv").write_text("image,dataset\n")  # an earlier `vitask classify` output
     (junk / "no_processor").mkdir()
     shutil.copy(vlm / "config.json", junk / "no_processor")
     for name, config in (("bert", '{"model_type": "bert"}'), ("bad_json", "{not json")):
@@ -277,6 +278,20 @@ CASES = [
     case("features-kind", tool("features", "--ckpt", "{tsm}", "--out", "{out}/f.pt", "--root", "{data}", "--kind", "cls"), "--kind", "'cls'", "pooled"),
     case("features-split", tool("features", "--ckpt", "{tsm}", "--out", "{out}/f.pt", "--root", "{data}", "--split", "testing"), "--split", "'testing'"),
     case("report-not-a-run", tool("report", "{data}"), "RUN_DIR", "{data}", "vitask pipeline"),
+    # classify: image files through a stage checkpoint
+    case("classify-corrupt-image", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/corrupt]", "--out", "{out}/p.csv"), "--images", "{junk}/imports/corrupt/b/2.png", "not a readable image"),
+    case("classify-dicom-no-pixels", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/nopixel/b/plan.dcm]", "--out", "{out}/p.csv"), "--images", "plan.dcm", "without pixel data"),
+    case("classify-gray-into-rgb", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--images", "gray but the dataset is RGB", "--convert true"),
+    case("classify-empty-folder", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/empty/b]", "--out", "{out}/p.csv"), "--images", "holds no PNG"),
+    case("classify-untrained-dataset", tool("classify", "--model", "{stage1}", "--dataset", "bloodmnist", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "differs in datasets", "datasets ['bloodmnist']"),
+    case("classify-unknown-dataset", tool("classify", "--model", "{stage1}", "--dataset", "nothere", "--images", "[{junk}/imports/good]", "--root", "{data}", "--out", "{out}/p.csv"), "--dataset", "'nothere'", "vitask data import"),
+    case("classify-model-is-tsm", tool("classify", "--model", "{tsm}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "{tsm}", "TSM-stage checkpoint"),
+    case("classify-model-folder", tool("classify", "--model", "{data}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "{data}", "vitask_export.json"),
+    case("classify-tsm-missing", tool("classify", "--model", "{stage1}", "--tsm_ckpt", "{out}/nope.ckpt", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--tsm_ckpt", "{out}/nope.ckpt", "--ep false"),
+    case("classify-out-exists", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{junk}/predictions.csv"), "--out", "{junk}/predictions.csv", "--force"),
+    case("classify-out-suffix", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.txt"), "--out", "{out}/p.txt", ".csv"),
+    case("pipeline-plug-unknown", tool("pipeline", "--runs_root", "{out}", "--common", "{data.root: {data}, data.datasets: [dermamnist]}", "--plug", "[nothere]"), "--plug", "'nothere'", "vitask data import"),
+    case("pipeline-plug-not-shared", tool("pipeline", "--runs_root", "{out}", "--common", "{data.root: {data}, data.datasets: [dermamnist]}", "--plug", "[mine]"), "--plug", "mine shares no MedMNIST label space", "--shares"),
     # checkpoints of another configuration, and outputs that must not be overwritten
     case("ckpt-path-other-stage", fit("vanilla", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "{stage1}", "differs in stage", "stage 1 (EP)", "vanilla IT"),
     case("ckpt-path-other-datasets", fit("ep", "--data.datasets", "[pneumoniamnist]", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "differs in datasets", "datasets ['pneumoniamnist']"),

@@ -119,3 +119,70 @@ def test_vitask_plug_on_an_imported_aptos_set(tmp_path, capsys, feature_cache_di
     assert probs(original, "wo_ep") and probs(original, "w_ep")
     assert probs(original, "wo_ep") == probs(plugged, "wo_ep")
     assert probs(original, "w_ep") != probs(plugged, "w_ep")
+
+
+def test_the_pipeline_runs_vitask_plug_and_reports_table_3(tmp_path, capsys, feature_cache_dir):
+    import yaml
+
+    from vitask_pl.cli import main
+    from vitask_pl.data.importer import import_dataset
+
+    from .conftest import ROOT
+
+    data = tmp_path / "data"
+    synthesize(data, ["retinamnist"], per_class=8)
+    _aptos_layout(data / "retinamnist.npz", tmp_path / "aptos")
+    import_dataset(
+        str(tmp_path / "aptos/train.csv"),
+        "aptos",
+        root=str(data),
+        shares="retinamnist",
+        image_dir=str(tmp_path / "aptos/train_images"),
+        path_column="id_code",
+        label_column="diagnosis",
+        suffix=".png",
+    )
+    cache = {"model.init_args.exemplar.cache_dir": feature_cache_dir}
+    config = {
+        "name": "p",
+        "configs": str(ROOT / "configs"),
+        "vlm": "tiny:internvl",
+        "common": {
+            "data.root": str(data),
+            "data.datasets": ["retinamnist"],
+            "data.max_samples": 8,
+            "data.batch_size": 4,
+            "data.num_workers": 0,
+            "trainer.max_steps": 2,
+            "trainer.limit_val_batches": 0,
+            "trainer.enable_progress_bar": False,
+        },
+        "stages": {"tsm": {"model.init_args.backbone": "resnet18"}, "ep": cache, "rda_crt": cache},
+        "probes": False,
+        "plug": ["aptos"],
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    main(["pipeline", "--config", str(tmp_path / "p.yaml"), "--runs_root", str(tmp_path)])
+
+    run = tmp_path / "p"
+    tsm = json.loads((run / "seed0/plug_tsm_aptos/done.json").read_text())
+    assert json.loads(open(tsm["metrics"]).read())["aptos"]  # the plugged TSM, trained and tested on aptos
+    record = json.loads((run / "seed0/plug_aptos/done.json").read_text())
+    original, plugged = (json.loads(open(record[k]).read()) for k in ("metrics", "metrics_plugged"))
+    assert original["wo_ep"] == plugged["wo_ep"]  # the VLM alone does not see the TSM
+    assert set(original["w_ep"]["score"]) == {"aptos", "avg"}
+    rows = json.loads((run / "results.json").read_text())["plug"]["aptos"]
+    assert list(rows) == [
+        "Vanilla IT",
+        "VITask w/o EP",
+        "VITask w/ EP, original TSM",
+        "VITask^plug: w/ EP, TSM trained on it",
+        "TSM trained on it",
+    ]
+    assert rows["VITask w/o EP"]["acc"]["mean"] == original["wo_ep"]["score"]["aptos"]["acc"]
+    assert rows["VITask^plug: w/ EP, TSM trained on it"]["acc"]["mean"] == plugged["w_ep"]["score"]["aptos"]["acc"]
+    report = (run / "report.md").read_text()
+    assert "## External validation: VITask^plug (the paper's Table 3)" in report and "**aptos**" in report
+    # A second run finds every stage done and skips it.
+    main(["pipeline", "--config", str(tmp_path / "p.yaml"), "--runs_root", str(tmp_path)])
+    assert "plug_aptos: done earlier, skipped" in capsys.readouterr().out

@@ -45,7 +45,7 @@ def _adapters_from_checkpoint(path: Path) -> tuple[dict, dict, dict, str | None]
     from vitask_pl.export import read_checkpoint
     from vitask_pl.models.vitask_model import is_adapter
 
-    checkpoint, _ = read_checkpoint(str(path))
+    checkpoint, _ = read_checkpoint(str(path), "--model")
     adapters = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
     return checkpoint["hyper_parameters"], checkpoint["vitask"], adapters, None
 
@@ -161,10 +161,13 @@ class Classifier:
         """Names and ``(N, S, S, C)`` uint8 arrays of ``images`` (paths, folders, arrays, PIL images), as trained."""
         names, arrays = [], []
         for i, item in enumerate(images):
-            for name, pixels in _read(item, i):
-                array = to_array(pixels, self.size, self.spec.n_channels, convert=self.convert, source=name)
-                names.append(name)
-                arrays.append(array if array.ndim == 3 else array[..., None])
+            try:
+                for name, pixels in _read(item, i):
+                    array = to_array(pixels, self.size, self.spec.n_channels, convert=self.convert, source=name)
+                    names.append(name)
+                    arrays.append(array if array.ndim == 3 else array[..., None])
+            except ConfigError as err:  # the file's own message, under the option that named it
+                raise ConfigError(f"--images: {err}") from None
         if not arrays:
             raise ConfigError(f"--images: {list(map(str, images))} holds no image; pass image files or folders.")
         return names, np.stack(arrays)
@@ -251,7 +254,7 @@ def _read(item, position: int) -> list[tuple[str, np.ndarray]]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if is_image(p))
             if not files:
-                raise ConfigError(f"--images: {item} holds no PNG, JPEG, TIFF, BMP or DICOM file; check the folder.")
+                raise ConfigError(f"{item} holds no PNG, JPEG, TIFF, BMP or DICOM file; check the folder.")
             return [(str(p), read_image(p)) for p in files]
         return [(str(item), read_image(path))]
     pixels = np.asarray(item)

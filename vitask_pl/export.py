@@ -32,20 +32,20 @@ STAGE_CKPT = (
 )
 
 
-def read_checkpoint(path: str) -> tuple[dict, str]:
+def read_checkpoint(path: str, option: str = "CKPT") -> tuple[dict, str]:
     """A VLM stage checkpoint (``weights_only``: data, never code) and the module class its record names."""
 
     if Path(path).expanduser().is_dir():
-        raise ConfigError(f"CKPT: {path} is a directory, not a checkpoint file; pass {STAGE_CKPT}.")
-    checkpoint = load(Path(path).expanduser(), "CKPT", STAGE_CKPT)
-    cls = read(checkpoint, path, "CKPT").get("module")
+        raise ConfigError(f"{option}: {path} is a directory, not a checkpoint file; pass {STAGE_CKPT}.")
+    checkpoint = load(Path(path).expanduser(), option, STAGE_CKPT)
+    cls = read(checkpoint, path, option).get("module")
     if cls == TSM:
         raise ConfigError(
-            f"CKPT: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
+            f"{option}: {path} is a TSM-stage checkpoint (backbone {checkpoint['hyper_parameters'].get('backbone')}), "
             f"which has no LoRA or connector; pass {STAGE_CKPT} (`vitask features` exports a TSM's features)."
         )
     if cls not in VLM_MODULES:
-        raise ConfigError(f"CKPT: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
+        raise ConfigError(f"{option}: {path} was written by {cls}, not by a VLM stage; pass {STAGE_CKPT}.")
     return checkpoint, cls
 
 

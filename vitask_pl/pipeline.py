@@ -44,7 +44,8 @@ INCOMPLETE = ("vanilla_incomplete", "ep_incomplete", "rda_crt_incomplete")
 # What each VITask stage starts from and whose step budget it shares (see `match_vanilla_steps`).
 INIT_FROM = {"rda_crt": "ep", "rda_only": "ep", "crt_only": "ep", "rda_crt_incomplete": "ep_incomplete"}
 BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in RUNS}
-FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
+FIRST_HALF = ("ep", "ep_incomplete")
+PLUG_TSM = "plug_tsm"  # the TSM VITask^plug trains on an external set: `plug_tsm_<name>`, overrides `stages.plug_tsm`  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -74,15 +75,23 @@ def _valid(record_path: Path) -> dict | None:
     return record if all(f and Path(f).exists() for f in files) else None
 
 
-def run_stage(name: str, seed_dir: Path, config_args: list[str], overrides: dict, seed: int, best: bool) -> dict:
+def run_stage(
+    name: str,
+    seed_dir: Path,
+    config_args: list[str],
+    overrides: dict,
+    seed: int,
+    best: bool,
+    evaluations: tuple[str, ...] | None = None,
+) -> dict:
     """Fit one stage, evaluate it (at its best validation checkpoint if ``best``, else where training ended), and
-    record what it produced in ``done.json``; skip if already done."""
+    record what it produced in ``done.json``; skip if already done. ``evaluations`` default to ``RUNS[name]``'s."""
     stage_dir = seed_dir / name
     record_path = stage_dir / "done.json"
     if (record := _valid(record_path)) is not None:
         print(f"[pipeline] {seed_dir.name}/{name}: done earlier, skipped ({record_path})")
         return record
-    _, evaluations = RUNS[name]
+    evaluations = RUNS[name][1] if evaluations is None else evaluations
     base = [
         *config_args,
         *cli_args(overrides),
@@ -151,6 +160,35 @@ def run_probes(seed_dir: Path, config_args: list[str], overrides: dict) -> dict:
     return tables
 
 
+def run_plug(dataset: str, seed_dir: Path, records: dict, args: dict[str, tuple[list[str], dict]], seed: int) -> dict:
+    """VITask^plug on an imported external set (the paper's Table 3): the tuned models tested on its test split,
+    none re-tuned: vanilla IT, stage 2 without EP and with EP of the original TSM, and stage 2 with EP of the TSM
+    trained on the external set plugged in (``plug_tsm_{dataset}``). Recorded in ``plug_{dataset}/done.json``."""
+    out = seed_dir / f"plug_{dataset}"
+    record_path = out / "done.json"
+    if (record := _valid(record_path)) is not None:
+        print(f"[pipeline] {seed_dir.name}/plug_{dataset}: done earlier, skipped ({record_path})")
+        return record
+    print(f"[pipeline] {seed_dir.name}/plug_{dataset}: tuned models on {dataset}, the original and the plugged TSM")
+    start = time.monotonic()
+    tests = {  # record key -> (folder, stage, the TSM of w_ep)
+        "metrics_vanilla": ("vanilla", "vanilla", None),
+        "metrics": ("original", "rda_crt", records["tsm"]["checkpoint"]),
+        "metrics_plugged": ("plugged", "rda_crt", records[f"{PLUG_TSM}_{dataset}"]["checkpoint"]),
+    }
+    record = {"stage": "plug", "dataset": dataset, "seed": seed, "checkpoint": records["rda_crt"]["checkpoint"]}
+    for key, (folder, stage, tsm) in tests.items():
+        config_args, overrides = args[stage]
+        overrides = {**overrides, "data.datasets": [dataset]} | ({"model.init_args.tsm_ckpt": tsm} if tsm else {})
+        where = ["--trainer.default_root_dir", str(out / folder), "--ckpt_path", records[stage]["checkpoint"]]
+        tested = _run(["test", *config_args, *cli_args(overrides), *where])
+        record[key] = str(Path(tested.trainer.log_dir) / "metrics.json")
+    record["files"] = [record[k] for k in tests]
+    record["wall_time_s"] = {"evaluate": time.monotonic() - start}
+    write_text(record_path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def _contrast(base: list[str], ckpt: str) -> dict:
     """Fig. 3 data: per-sample mean response-token probability with the own vs a different-label image."""
 
@@ -179,6 +217,7 @@ def pipeline(
     probes: bool = True,
     match_vanilla_steps: bool = False,
     select_on_val: list[str] | None = None,
+    plug: list[str] | None = None,
     seeds: int = 1,
     seed: int = 0,
 ) -> Path:
@@ -205,6 +244,10 @@ def pipeline(
             (a budget past the plateau of its measured curve, or early stopping in ``stages.vanilla``).
         select_on_val: stages tested at their best validation checkpoint; the others are tested where training
             ended. Default ``[tsm]``. On a small validation split a lucky early epoch can win the selection.
+        plug: imported datasets (cards under ``data.root``) that share a tuned dataset's label space, e.g. an
+            external diabetic-retinopathy set graded like retinamnist: after stage 2, a TSM is trained on each
+            (``plug_tsm_<name>``; its overrides under ``stages.plug_tsm``) and the tuned models are tested on its
+            test split w/o EP, w/ EP of the original TSM and w/ EP of the plugged TSM (VITask^plug, Table 3).
         seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
         seed: first seed.
     """
@@ -214,7 +257,7 @@ def pipeline(
     run_dir = Path(runs_root) / name
     stages = stages or {}
     for option, names in (("--stages", stages), ("--select_on_val", select_on_val or [])):
-        unknown = set(names) - set(RUNS)
+        unknown = set(names) - set(RUNS) - {PLUG_TSM}
         if unknown:
             raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {list(RUNS)}.")
     if synthesize:
@@ -224,49 +267,75 @@ def pipeline(
         + (list(ABLATIONS) if ablations else [])
         + (list(INCOMPLETE) if incomplete else [])
     )
+    plug = [_plugged(name, common or {}) for name in plug or []]
+
+    def config_args(config: str) -> list[str]:
+        args = ["--config", str(Path(configs) / f"{config}.yaml")]
+        return args + (["--config", str(Path(configs) / overlay / f"{STAGES[config].overlay}.yaml")] if overlay else [])
+
+    def overrides_of(stage: str, records: dict) -> dict:
+        config = RUNS[stage][0]
+        overrides = {**(common or {}), **stages.get(config, {}), **stages.get(stage, {}), **ABLATIONS.get(stage, {})}
+        if vlm and stage != "tsm":
+            overrides["model.init_args.vlm"] = vlm
+        if stage in INCOMPLETE:
+            overrides["data.incomplete_instruction"] = True
+        if "tsm_ckpt" in STAGES[config].needs:  # TSM -> both VITask stages
+            overrides["model.init_args.tsm_ckpt"] = records["tsm"]["checkpoint"]
+        if stage in INIT_FROM:  # stage 1 -> stage 2
+            overrides["model.init_args.init_from"] = records[INIT_FROM[stage]]["checkpoint"]
+        if match_vanilla_steps and stage in (*FIRST_HALF, *INIT_FROM):
+            total = records[BASELINE[stage]]["steps"]
+            overrides["trainer.max_steps"] = max(1, total // 2 if stage in FIRST_HALF else total - total // 2)
+            overrides["trainer.max_epochs"] = -1
+        return overrides
+
+    selected = select_on_val if select_on_val is not None else ["tsm"]
     start = time.monotonic()
     for k in range(seeds):
         seed_dir = run_dir / f"seed{seed + k}"
         records = {}
         for stage in order:
-            config = RUNS[stage][0]
-            config_args = ["--config", str(Path(configs) / f"{config}.yaml")]
-            if overlay:
-                config_args += ["--config", str(Path(configs) / overlay / f"{STAGES[config].overlay}.yaml")]
-            overrides = {
-                **(common or {}),
-                **stages.get(config, {}),
-                **stages.get(stage, {}),
-                **ABLATIONS.get(stage, {}),
-            }
-            if vlm and stage != "tsm":
-                overrides["model.init_args.vlm"] = vlm
-            if stage in INCOMPLETE:
-                overrides["data.incomplete_instruction"] = True
-            if "tsm_ckpt" in STAGES[config].needs:  # TSM -> both VITask stages
-                overrides["model.init_args.tsm_ckpt"] = records["tsm"]["checkpoint"]
-            if stage in INIT_FROM:  # stage 1 -> stage 2
-                overrides["model.init_args.init_from"] = records[INIT_FROM[stage]]["checkpoint"]
-            if match_vanilla_steps and stage in (*FIRST_HALF, *INIT_FROM):
-                total = records[BASELINE[stage]]["steps"]
-                overrides["trainer.max_steps"] = max(1, total // 2 if stage in FIRST_HALF else total - total // 2)
-                overrides["trainer.max_epochs"] = -1
-            best = stage in (select_on_val if select_on_val is not None else ["tsm"])
-            records[stage] = run_stage(stage, seed_dir, config_args, overrides, seed + k, best)
+            overrides = overrides_of(stage, records)
+            args = config_args(RUNS[stage][0])
+            records[stage] = run_stage(stage, seed_dir, args, overrides, seed + k, stage in selected)
             if stage == "vanilla" and probes:
-                run_probes(seed_dir, config_args, {**overrides, "seed_everything": seed + k})
+                run_probes(seed_dir, args, {**overrides, "seed_everything": seed + k})
+        for dataset in plug:  # VITask^plug: a TSM trained on the external set, into the tuned stage 2
+            overrides = {**overrides_of("tsm", records), **stages.get(PLUG_TSM, {}), "data.datasets": [dataset]}
+            name = f"{PLUG_TSM}_{dataset}"
+            best = "tsm" in selected or PLUG_TSM in selected
+            records[name] = run_stage(name, seed_dir, config_args("tsm"), overrides, seed + k, best, evaluations=())
+            tested = {s: (config_args(s), overrides_of(s, records)) for s in ("vanilla", "rda_crt")}
+            records[f"plug_{dataset}"] = run_plug(dataset, seed_dir, records, tested, seed + k)
     summary = {
         "name": name,
         "seeds": [seed + k for k in range(seeds)],
         "ablations": ablations,
         "incomplete": incomplete,
         "match_vanilla_steps": match_vanilla_steps,
+        "plug": plug,
         "wall_time_s": time.monotonic() - start,
         "synthetic": bool(synthesize),
     }
     write_text(run_dir / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     report(str(run_dir))
     return run_dir
+
+
+def _plugged(name: str, common: dict) -> str:
+    """An external set for VITask^plug: an imported dataset under ``data.root`` sharing a tuned dataset's labels."""
+    from vitask_pl.data.cards import read_card, resolve_datasets
+
+    root = common.get("data.root", "data/medmnist")
+    card = read_card(root, str(name).lower(), "--plug")
+    tuned = resolve_datasets(common.get("data.datasets", "all"), root)
+    if card["shares"] not in tuned:
+        raise ConfigError(
+            f"--plug: {name} shares {card['shares'] or 'no MedMNIST label space'}, which is not among the tuned "
+            f"datasets {tuned}; import it with --shares one of them, or tune on {card['shares']} too."
+        )
+    return card["name"]
 
 
 def _ensure_synthetic(root: str = "data/synthetic", per_class: int = 30, size: int = 28, seed: int = 0) -> None:

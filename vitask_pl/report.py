@@ -55,6 +55,17 @@ PAPER = {
     "VITask w/ EP (InternVL2-2B)": (0.847, 0.771),
 }
 METRICS = ("acc", "f1", "auc")
+# VITask^plug on an external set (the paper's Table 3): (row label, record key, mode); the plugged TSM's own test
+# comes from its stage record. None of the rows re-tunes the VLM or the connector.
+PLUG_ROWS = [
+    ("Vanilla IT", "metrics_vanilla", "wo_ep"),
+    ("VITask w/o EP", "metrics", "wo_ep"),
+    ("VITask w/ EP, original TSM", "metrics", "w_ep"),
+    ("VITask^plug: w/ EP, TSM trained on it", "metrics_plugged", "w_ep"),
+]
+PLUG_TSM_ROW = "TSM trained on it"
+# The paper's Table 3, APTOS (ACC): what the external-validation rows are compared with.
+PAPER_PLUG = {"VITask (APTOS)": 0.456, "VITask^plug (APTOS)": 0.668}
 
 
 def _table(record: dict, key: str, mode, protocol) -> dict | None:
@@ -98,7 +109,50 @@ def collect(run_dir: Path) -> tuple[dict, dict]:
             generate[label] = {
                 ds: {m: _mean_std([t[ds][m] for t in tables]) for m in ("acc", "f1", "invalid")} for ds in tables[0]
             }
-    return {"rows": rows, "generate": generate, "paired": _paired(per_seed)}, records
+    return {"rows": rows, "generate": generate, "paired": _paired(per_seed), "plug": _plug(records)}, records
+
+
+def _plug(records: dict) -> dict:
+    """``{external set: {row: {metric: mean ± std}}}`` of the VITask^plug runs, over seeds."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for recs in records.values():
+        for record in recs.values():
+            if record.get("stage") != "plug":
+                continue
+            name, rows = record["dataset"], out.setdefault(record["dataset"], {})
+            for label, key, mode in PLUG_ROWS:
+                if (table := _table(record, key, mode, "score")) is not None:
+                    rows.setdefault(label, []).append(table[name])
+            tsm = recs.get(f"plug_tsm_{name}")
+            if tsm and (table := _table(tsm, "metrics", None, None)) is not None:
+                rows.setdefault(PLUG_TSM_ROW, []).append(table[name])
+    return {
+        name: {
+            label: {m: _mean_std([t[m] for t in tables]) for m in METRICS if m in tables[0]}
+            for label, tables in rows.items()
+        }
+        for name, rows in out.items()
+    }
+
+
+def _plug_section(plug: dict, seeds: int) -> list[str]:
+    if not plug:
+        return []
+    lines = [
+        "",
+        "## External validation: VITask^plug (the paper's Table 3)",
+        "",
+        "The tuned models on an imported external set that shares a tuned dataset's label space, none re-tuned: "
+        "the VLM alone, with the exemplar of the original TSM, and with the exemplar of a TSM trained on the "
+        "external set plugged into the same connector. Paper, APTOS ACC: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_PLUG.items())
+        + ".",
+    ]
+    for name, rows in plug.items():
+        lines += ["", f"**{name}**", "", "| model | ACC | macro-F1 | AUC |", "|---|---|---|---|"]
+        for label, cells in rows.items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(cells.get(m), seeds) for m in METRICS) + " |")
+    return lines
 
 
 def _summarise(tables: list[dict]) -> dict:
@@ -209,6 +263,8 @@ def _plots(run_dir: Path, results: dict, records: dict) -> list[str]:
     stages = [
         s for s in ("tsm", "vanilla", "ep", "rda_crt") if s in first and Path(first[s].get("train_log", "")).is_file()
     ]
+    if not stages:  # no stage logged a training step (runs shorter than the logging interval)
+        return written
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.3))
     for ax, stage in zip(np.atleast_1d(axes), stages):
         log = list(csv.DictReader(open(first[stage]["train_log"])))
@@ -391,6 +447,7 @@ def report(run_dir: str) -> Path:
             lines.append(
                 f"| {label} | {_fmt(avg['acc'], n_seeds)} | {_fmt(avg['f1'], n_seeds)} | {_fmt(avg['invalid'], n_seeds)} |"
             )
+    lines += _plug_section(results["plug"], n_seeds)
     lines += ["", "## Reading", ""] + _reading(results, records)
     lines += [
         "",
