@@ -119,6 +119,19 @@ def test_plugging_another_tsm_changes_only_the_exemplar_answers(stage, synth_roo
     np.testing.assert_array_equal(probs(alone.predict(images), "wo_ep"), probs(original, "wo_ep"))
 
 
+def test_the_readme_plug_command_on_an_export(stage, synth_root, tmp_path, capsys):
+    """`vitask classify --model EXPORT --tsm_ckpt OTHER` (README, "Classify image files") is the plugged classifier."""
+    images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
+    other = make_tsm_ckpt(synth_root, [FLAGS[0]], tmp_path / "other.ckpt", seed=3)
+    folder = export(stage[0], out=str(tmp_path / "export"))
+    argv = ["classify", "--model", str(folder), "--dataset", FLAGS[0], "--images", f"[{images}]"]
+    code, _, err = run([*argv, "--tsm_ckpt", other, "--out", str(tmp_path / "plugged.json")], capsys)
+    assert code == 0, err
+    plugged = Classifier.load(stage[0], FLAGS[0], tsm_ckpt=other, device="cpu").predict(images)
+    ours = json.loads((tmp_path / "plugged.json").read_text())
+    np.testing.assert_allclose(probs(ours, "w_ep"), probs(plugged, "w_ep"), atol=1e-6, rtol=0)
+
+
 def test_the_command_writes_csv_and_json_and_never_overwrites(stage, synth_root, tmp_path, capsys):
     images = write_split_images(synth_root, FLAGS[0], tmp_path / "images")
     argv = ["classify", "--model", stage[0], "--dataset", FLAGS[0], "--images", f"[{images}]", "--device", "cpu"]

@@ -72,6 +72,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from vitask_pl.atomic import AtomicCheckpointIO, remove_temporaries
     from vitask_pl.console import lines_off_terminal, quiet
     from vitask_pl.data.cards import cards_of, resolve_datasets
+    from vitask_pl.data.catalog import resolve_flags
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.fingerprint import compare, load, read
     from vitask_pl.guards import (
@@ -127,11 +128,11 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 return super()._parse_ckpt_path()
             record = read(load(path, "--ckpt_path", mmap=True), path, "--ckpt_path")
             data = config.data.init_args
+            cards = cards_of(data.datasets, data.root)
             run = {
                 "stage": config.model.class_path.rsplit(".", 1)[-1],
-                "datasets": resolve_datasets(data.datasets, data.root),
+                "datasets": resolve_flags(data.datasets, cards=cards),
             }
-            cards = cards_of(data.datasets, data.root)
             if cards:
                 run["shares"] = {name: card["shares"] for name, card in cards.items() if card["shares"]}
             evaluating = subcommand != "fit" and run["stage"] != STAGES["tsm"].class_name

@@ -44,8 +44,8 @@ INCOMPLETE = ("vanilla_incomplete", "ep_incomplete", "rda_crt_incomplete")
 # What each VITask stage starts from and whose step budget it shares (see `match_vanilla_steps`).
 INIT_FROM = {"rda_crt": "ep", "rda_only": "ep", "crt_only": "ep", "rda_crt_incomplete": "ep_incomplete"}
 BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in RUNS}
-FIRST_HALF = ("ep", "ep_incomplete")
-PLUG_TSM = "plug_tsm"  # the TSM VITask^plug trains on an external set: `plug_tsm_<name>`, overrides `stages.plug_tsm`  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
+FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
+PLUG_TSM = "plug_tsm"  # the TSM VITask^plug trains on an external set: `plug_tsm_<name>`, overrides `stages.plug_tsm`
 
 
 def cli_args(overrides: dict) -> list[str]:

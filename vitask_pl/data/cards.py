@@ -43,6 +43,16 @@ def check_name(name: str, option: str = "--name") -> str:
     return name
 
 
+def check_shared_count(name: str, n_classes: int, shares: str, option: str = "--shares") -> None:
+    """A dataset that shares a flag's label space has all of its classes."""
+    count = len(medmnist_info(shares)["label"])
+    if n_classes != count:
+        raise ConfigError(
+            f"{option}: {name} has {n_classes} classes but {shares} has {count}; a shared label space needs all "
+            f"of its classes (or drop --shares and give --modality and --labels)."
+        )
+
+
 def make_card(
     name: str,
     *,
@@ -64,11 +74,8 @@ def make_card(
         info = medmnist_info(shares)
         if info["task"] not in TASKS:
             raise ConfigError(f"{option}: {shares} is multi-label; only single-label label spaces can be shared.")
-        if labels is not None and len(labels) != len(info["label"]):
-            raise ConfigError(
-                f"{option}: {name} has {len(labels)} classes but {shares} has {len(info['label'])}; a shared "
-                f"label space needs all of its classes (or drop --shares and give --modality and --labels)."
-            )
+        if labels is not None:
+            check_shared_count(name, len(labels), shares, option)
         labels = task = modality = None
     else:
         if not modality:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitask_pl.data.cards import card_path, check_name, make_card, read_card
+from vitask_pl.data.cards import card_path, check_name, check_shared_count, make_card, read_card
 from vitask_pl.data.catalog import SIZES, SPLITS, check_size, medmnist_info
 from vitask_pl.data.files import npz_path
 from vitask_pl.data.images import SUFFIXES, channels_of, is_image, read_image, to_array
@@ -75,7 +75,9 @@ def _csv_items(
     return items
 
 
-def _label_space(raw: list[str], shares: str | None, labels: list[str] | None) -> tuple[list[str], list[int]]:
+def _label_space(
+    raw: list[str], shares: str | None, labels: list[str] | None, name: str
+) -> tuple[list[str], list[int]]:
     """The class names in label order and each item's label index.
 
     A raw label is a class name (case-insensitive) or its index. With ``shares`` the names are the flag's; with
@@ -83,11 +85,7 @@ def _label_space(raw: list[str], shares: str | None, labels: list[str] | None) -
     if shares is not None:
         info = medmnist_info(shares)
         names, option = [info["label"][str(i)] for i in range(len(info["label"]))], "--shares"
-        if len(set(raw)) != len(names):
-            raise ConfigError(
-                f"--shares: the source has {len(set(raw))} classes but {shares} has {len(names)}; a shared label "
-                f"space needs all of its classes (or drop --shares and give --modality and --labels)."
-            )
+        check_shared_count(name, len(set(raw)), shares)
     elif labels is not None:
         names, option = [str(x) for x in labels], "--labels"
     else:
@@ -191,7 +189,7 @@ def import_dataset(
         base = Path(image_dir) if image_dir else src.parent
         items = _csv_items(src, base, path_column, label_column, split_column, suffix)
         kind = "csv"
-    names, targets = _label_space([raw for _, raw, _ in items], shares, labels)
+    names, targets = _label_space([raw for _, raw, _ in items], shares, labels, name)
     start = time.monotonic()
     images = [_read(path) for path, _, _ in items]
     counts = Counter(channels_of(im) for im in images)
