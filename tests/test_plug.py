@@ -1,9 +1,11 @@
-"""VITask^plug end to end on an imported external set (the paper's Table 3), through the README's commands.
+"""VITask^plug end to end on imported external sets (the paper's Table 3).
 
-RetinaMNIST-format data stands in for MedMNIST; its test images, written out as APTOS ships its data (a CSV of
-``id_code,diagnosis`` and a folder of PNGs of another size), are imported as ``aptos`` sharing retinamnist's
-label space. A stage-2 model tuned on retinamnist is then scored on aptos without the TSM, with the original TSM
-and with a TSM trained on aptos plugged in; none of them re-tunes the VLM or the connector.
+Through the README's commands: RetinaMNIST-format data stands in for MedMNIST; its images, written out as APTOS
+ships its data (a CSV of ``id_code,diagnosis`` and a folder of PNGs of another size), are imported as ``aptos``
+sharing retinamnist's label space. A stage-2 model tuned on retinamnist is then scored on aptos without the TSM,
+with the original TSM and with a TSM trained on aptos plugged in; none of them re-tunes the VLM or the connector.
+Through the pipeline's ``plug`` option: pydicom's own DICOM files as the external set, and `vitask classify` on
+them agreeing with the report.
 """
 
 from __future__ import annotations
@@ -121,27 +123,29 @@ def test_vitask_plug_on_an_imported_aptos_set(tmp_path, capsys, feature_cache_di
     assert probs(original, "w_ep") != probs(plugged, "w_ep")
 
 
-def test_the_pipeline_runs_vitask_plug_and_reports_table_3(tmp_path, capsys, feature_cache_dir):
+def test_the_pipeline_runs_vitask_plug_on_pydicom_files_and_classify_agrees(tmp_path, capsys, feature_cache_dir):
+    """pydicom's own CT and MR files (raw and RLE), imported as a set graded like pneumoniamnist (CT 0, MR 1: a
+    mechanical stand-in for an external set), through the pipeline's plug option; then `vitask classify` on the
+    original DICOM files of its test split, with the plugged TSM, gives the report's numbers."""
+    import shutil
+
     import yaml
+
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
 
     from vitask_pl.cli import main
     from vitask_pl.data.importer import import_dataset
 
     from .conftest import ROOT
 
-    data = tmp_path / "data"
-    synthesize(data, ["retinamnist"], per_class=8)
-    _aptos_layout(data / "retinamnist.npz", tmp_path / "aptos")
-    import_dataset(
-        str(tmp_path / "aptos/train.csv"),
-        "aptos",
-        root=str(data),
-        shares="retinamnist",
-        image_dir=str(tmp_path / "aptos/train_images"),
-        path_column="id_code",
-        label_column="diagnosis",
-        suffix=".png",
-    )
+    data, tree = tmp_path / "data", tmp_path / "scans"
+    synthesize(data, ["pneumoniamnist"], per_class=8)
+    for label, names in {"0": ["CT_small.dcm"], "1": ["MR_small.dcm", "MR_small_RLE.dcm"]}.items():
+        (tree / label).mkdir(parents=True)
+        for i in range(10):
+            shutil.copy(get_testdata_file(names[i % len(names)]), tree / label / f"{i}.dcm")
+    import_dataset(str(tree), "scans", root=str(data), shares="pneumoniamnist")
     cache = {"model.init_args.exemplar.cache_dir": feature_cache_dir}
     config = {
         "name": "p",
@@ -149,7 +153,7 @@ def test_the_pipeline_runs_vitask_plug_and_reports_table_3(tmp_path, capsys, fea
         "vlm": "tiny:internvl",
         "common": {
             "data.root": str(data),
-            "data.datasets": ["retinamnist"],
+            "data.datasets": ["pneumoniamnist"],
             "data.max_samples": 8,
             "data.batch_size": 4,
             "data.num_workers": 0,
@@ -159,19 +163,19 @@ def test_the_pipeline_runs_vitask_plug_and_reports_table_3(tmp_path, capsys, fea
         },
         "stages": {"tsm": {"model.init_args.backbone": "resnet18"}, "ep": cache, "rda_crt": cache},
         "probes": False,
-        "plug": ["aptos"],
+        "plug": ["scans"],
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     main(["pipeline", "--config", str(tmp_path / "p.yaml"), "--runs_root", str(tmp_path)])
 
-    run = tmp_path / "p"
-    tsm = json.loads((run / "seed0/plug_tsm_aptos/done.json").read_text())
-    assert json.loads(open(tsm["metrics"]).read())["aptos"]  # the plugged TSM, trained and tested on aptos
-    record = json.loads((run / "seed0/plug_aptos/done.json").read_text())
+    run_dir = tmp_path / "p"
+    tsm = json.loads((run_dir / "seed0/plug_tsm_scans/done.json").read_text())
+    assert json.loads(open(tsm["metrics"]).read())["scans"]  # the plugged TSM, trained and tested on the scans
+    record = json.loads((run_dir / "seed0/plug_scans/done.json").read_text())
     original, plugged = (json.loads(open(record[k]).read()) for k in ("metrics", "metrics_plugged"))
     assert original["wo_ep"] == plugged["wo_ep"]  # the VLM alone does not see the TSM
-    assert set(original["w_ep"]["score"]) == {"aptos", "avg"}
-    rows = json.loads((run / "results.json").read_text())["plug"]["aptos"]
+    assert set(original["w_ep"]["score"]) == {"scans", "avg"}
+    rows = json.loads((run_dir / "results.json").read_text())["plug"]["scans"]
     assert list(rows) == [
         "Vanilla IT",
         "VITask w/o EP",
@@ -179,10 +183,25 @@ def test_the_pipeline_runs_vitask_plug_and_reports_table_3(tmp_path, capsys, fea
         "VITask^plug: w/ EP, TSM trained on it",
         "TSM trained on it",
     ]
-    assert rows["VITask w/o EP"]["acc"]["mean"] == original["wo_ep"]["score"]["aptos"]["acc"]
-    assert rows["VITask^plug: w/ EP, TSM trained on it"]["acc"]["mean"] == plugged["w_ep"]["score"]["aptos"]["acc"]
-    report = (run / "report.md").read_text()
-    assert "## External validation: VITask^plug (the paper's Table 3)" in report and "**aptos**" in report
+    assert rows["VITask w/o EP"]["acc"]["mean"] == original["wo_ep"]["score"]["scans"]["acc"]
+    assert rows["VITask^plug: w/ EP, TSM trained on it"]["acc"]["mean"] == plugged["w_ep"]["score"]["scans"]["acc"]
+    report = (run_dir / "report.md").read_text()
+    assert "## External validation: VITask^plug (the paper's Table 3)" in report and "**scans**" in report
+
+    # The DICOM files of the test split (all of them: the split is smaller than max_samples), classified.
+    with open(data / "scans.files.csv") as f:
+        test_files = [m for m in csv.DictReader(f) if m["split"] == "test"]
+    assert 0 < len(test_files) <= 8
+    images = f"[{','.join(m['path'] for m in test_files)}]"
+    out = tmp_path / "scans.csv"
+    stage2 = json.loads((run_dir / "seed0/rda_crt/done.json").read_text())["checkpoint"]
+    argv = ["classify", "--model", stage2, "--dataset", "scans", "--root", str(data), "--images", images]
+    code, _, err = run([*argv, "--tsm_ckpt", tsm["checkpoint"], "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    classified = _predictions(out)
+    for mode, metrics in (("wo_ep", original), ("w_ep", plugged)):
+        acc = np.mean([r[f"{mode}_answer"] == m["label"] for r, m in zip(classified, test_files)])
+        assert acc == pytest.approx(metrics[mode]["score"]["scans"]["acc"], abs=1e-6)
     # A second run finds every stage done and skips it.
     main(["pipeline", "--config", str(tmp_path / "p.yaml"), "--runs_root", str(tmp_path)])
-    assert "plug_aptos: done earlier, skipped" in capsys.readouterr().out
+    assert "plug_scans: done earlier, skipped" in capsys.readouterr().out
