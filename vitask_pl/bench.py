@@ -53,23 +53,32 @@ class PeakMemory:
 
 
 def measure(
-    fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 2, params=()
-) -> tuple[float, float]:
-    """(median seconds per call, memory in MiB of one call; see :class:`PeakMemory`)."""
+    fns: dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int = 2, params=()
+) -> dict[str, tuple[float, float]]:
+    """``{name: (median seconds per call, memory in MiB of one call)}`` (memory: see :class:`PeakMemory`).
+
+    The variants are timed in rounds, each round calling every variant once, so a slow spell of a noisy machine
+    falls on all of them alike instead of on whichever variant was running; their ratios are what is compared.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    with PeakMemory(device, params) as mem:
-        fn()
-    return statistics.median(times), mem.peak / 2**20
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, fn in fns.items():
+        with PeakMemory(device, params) as mem:
+            fn()
+        out[name] = (statistics.median(times[name]), mem.peak / 2**20)
+    return out
 
 
 def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
@@ -216,10 +225,10 @@ def _bench(
         "stage 2, shared prefix": (stage2(True), "shared"),
         "stage 2, three forwards": (stage2_separate, "separate"),
     }
-    results = {name: measure(fn, dev, steps, params=params) for name, (fn, _) in training.items()}
+    results = measure({name: fn for name, (fn, _) in training.items()}, dev, steps, params=params)
     module.eval()
-    results["eval score"] = measure(evaluate_score, dev, steps, params=params)
-    results["eval generate"] = measure(evaluate_generate, dev, steps, params=params)
+    evaluation = {"eval score": evaluate_score, "eval generate": evaluate_generate}
+    results |= measure(evaluation, dev, steps, params=params)
 
     ids = batch["input_ids"]
     is_image = ids == v.image_token_id

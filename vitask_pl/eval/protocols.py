@@ -2,7 +2,7 @@
 
 ``score``: the log-likelihood of every candidate response under the prompt, softmaxed over the candidates,
 gives class probabilities, hence ACC, macro-F1 and AUC. The image and instruction are encoded once per
-sample (one prefix pass with a KV cache); the candidates run against that cache in one batch.
+sample (one prefix pass with a KV cache); a sample's candidates run as one packed row against that cache.
 ``generate``: greedy decoding with a small token budget, then normalised exact match; unmatched = invalid.
 """
 
@@ -64,24 +64,41 @@ def encode_prefix(vlm: VLM, batch: dict, exemplars: torch.Tensor | None = None) 
 def candidate_loglik(vlm: VLM, prefix: Prefix, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
     """``(B, C)`` summed log-probabilities of each candidate's tokens (response + end of turn) after the prompt.
 
-    The LM head runs only at the positions that predict candidate tokens.
+    The candidates of a sample run as one packed row against the prompt's cache, which is never copied: each
+    candidate's tokens attend to the prompt and to their own earlier tokens only (a block mask), at the positions
+    they would have after the prompt. The LM head runs only at the positions that predict candidate tokens.
     """
     b, c, t = cand_ids.shape
     logp_first = F.log_softmax(vlm.head(prefix.last_hidden).float(), dim=-1)  # (B, V)
     total = logp_first.gather(1, cand_ids[:, :, 0])  # (B, C)
     if t == 1:
         return total
-    prefix.cache.batch_repeat_interleave(c)
-    inputs = cand_ids[:, :, :-1].reshape(b * c, t - 1)
-    mask = torch.cat([prefix.mask.repeat_interleave(c, 0), cand_mask[:, :, :-1].reshape(b * c, t - 1)], dim=1)
-    positions = _text_positions(vlm, prefix.next_position.repeat_interleave(c), t - 1)
+    inputs, steps = cand_ids[:, :, :-1].reshape(b, c * (t - 1)), t - 1
+    real = cand_mask[:, :, :-1].reshape(b, c * steps).bool()
     embeds = vlm.model.get_input_embeddings()(inputs)
+    mask = _packed_mask(prefix.mask.bool(), real, c, steps, embeds.dtype)
+    positions = _text_positions(vlm, prefix.next_position, steps)
+    positions = positions.repeat(*([1] * (positions.ndim - 1)), c)  # each candidate restarts after the prompt
     hidden, _ = vlm.decode(embeds, mask, positions, cache=prefix.cache, use_cache=True)
-    keep = cand_mask[:, :, 1:].reshape(b * c, t - 1).bool()
-    targets = cand_ids[:, :, 1:].reshape(b * c, t - 1)[keep]
+    keep = cand_mask[:, :, 1:].reshape(b * c, steps).bool()
+    targets = cand_ids[:, :, 1:].reshape(b * c, steps)[keep]
+    hidden = hidden.reshape(b * c, steps, -1)
     logp = F.log_softmax(vlm.head(hidden[keep]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
     rest = torch.zeros(b * c, device=logp.device).index_add_(0, keep.nonzero()[:, 0], logp)
     return total + rest.view(b, c)
+
+
+def _packed_mask(prompt: torch.Tensor, real: torch.Tensor, c: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, C * T, Lp + C * T)`` additive mask of the packed candidates: a query sees the prompt's real tokens
+    and the real tokens of its own candidate up to itself (a float mask, which eager and SDPA attention both add).
+    """
+    q = torch.arange(c * steps, device=real.device)
+    own = (q[:, None] // steps == q[None, :] // steps) & (q[None, :] <= q[:, None])  # (Q, Q) block-causal
+    packed = own[None] & real[:, None, :]  # (B, Q, Q)
+    visible = torch.cat([prompt[:, None, :].expand(-1, c * steps, -1), packed], dim=2)
+    return torch.zeros(visible.shape, dtype=dtype, device=real.device).masked_fill(~visible, torch.finfo(dtype).min)[
+        :, None
+    ]
 
 
 @torch.no_grad()
