@@ -279,11 +279,11 @@ CASES = [
     case("features-split", tool("features", "--ckpt", "{tsm}", "--out", "{out}/f.pt", "--root", "{data}", "--split", "testing"), "--split", "'testing'"),
     case("report-not-a-run", tool("report", "{data}"), "RUN_DIR", "{data}", "vitask pipeline"),
     # classify: image files through a stage checkpoint
-    case("classify-corrupt-image", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/corrupt]", "--out", "{out}/p.csv"), "--images", "{junk}/imports/corrupt/b/2.png", "not a readable image"),
+    case("classify-corrupt-image", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/corrupt]", "--convert", "true", "--out", "{out}/p.csv"), "--images", "{junk}/imports/corrupt/b/2.png", "not a readable image"),
     case("classify-dicom-no-pixels", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/nopixel/b/plan.dcm]", "--out", "{out}/p.csv"), "--images", "plan.dcm", "without pixel data"),
     case("classify-gray-into-rgb", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--images", "gray but the dataset is RGB", "--convert true"),
     case("classify-empty-folder", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/empty/b]", "--out", "{out}/p.csv"), "--images", "holds no PNG"),
-    case("classify-untrained-dataset", tool("classify", "--model", "{stage1}", "--dataset", "bloodmnist", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "differs in datasets", "datasets ['bloodmnist']"),
+    case("classify-untrained-dataset", tool("classify", "--model", "{stage1}", "--dataset", "bloodmnist", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--dataset", "'bloodmnist' is not among the stage's tuned datasets ['dermamnist']"),
     case("classify-unknown-dataset", tool("classify", "--model", "{stage1}", "--dataset", "nothere", "--images", "[{junk}/imports/good]", "--root", "{data}", "--out", "{out}/p.csv"), "--dataset", "'nothere'", "vitask data import"),
     case("classify-model-is-tsm", tool("classify", "--model", "{tsm}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "{tsm}", "TSM-stage checkpoint"),
     case("classify-model-folder", tool("classify", "--model", "{data}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.csv"), "--model", "{data}", "vitask_export.json"),
@@ -291,6 +291,8 @@ CASES = [
     case("classify-out-exists", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{junk}/predictions.csv"), "--out", "{junk}/predictions.csv", "--force"),
     case("classify-out-suffix", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--out", "{out}/p.txt"), "--out", "{out}/p.txt", ".csv"),
     case("pipeline-plug-unknown", tool("pipeline", "--runs_root", "{out}", "--common", "{data.root: {data}, data.datasets: [dermamnist]}", "--plug", "[nothere]"), "--plug", "'nothere'", "vitask data import"),
+    case("pipeline-plug-without-root", tool("pipeline", "--runs_root", "{out}", "--plug", "[mine]"), "--plug", "mine needs data.root and data.datasets in --common"),
+    case("classify-no-such-device", tool("classify", "--model", "{stage1}", "--images", "[{junk}/imports/good]", "--device", "cuda:7", "--out", "{out}/p.csv"), "--device", "cuda:7", "--device cpu"),
     case("pipeline-plug-not-shared", tool("pipeline", "--runs_root", "{out}", "--common", "{data.root: {data}, data.datasets: [dermamnist]}", "--plug", "[mine]"), "--plug", "mine shares no MedMNIST label space", "--shares"),
     # checkpoints of another configuration, and outputs that must not be overwritten
     case("ckpt-path-other-stage", fit("vanilla", "--ckpt_path", "{stage1}", command="test"), "--ckpt_path", "{stage1}", "differs in stage", "stage 1 (EP)", "vanilla IT"),

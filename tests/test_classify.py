@@ -15,7 +15,8 @@ from vitask_pl.classify import Classifier
 from vitask_pl.data.datamodule import MedMNISTDataModule
 from vitask_pl.errors import ConfigError, MissingFileError
 from vitask_pl.export import export
-from vitask_pl.modules.vitask import ExemplarPromptTuning
+from vitask_pl.modules.vanilla import VanillaInstructionTuning
+from vitask_pl.modules.vitask import ExemplarPromptTuning, RDACRTTuning
 
 from .conftest import make_tsm_ckpt, quick_trainer, run
 from .test_export import FLAGS, LORA, fit_and_save, sharp_base
@@ -53,48 +54,58 @@ def probs(rows: list[dict], mode: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def stage(tiny_dirs, tsm_ckpt, synth_root, feature_cache_dir, tmp_path_factory):
-    """A stage-1 checkpoint of a sharp tiny InternVL (its outputs depend on the image and on the exemplar)."""
+def stages(tiny_dirs, tsm_ckpt, synth_root, feature_cache_dir, tmp_path_factory):
+    """``{stage: (checkpoint, predictions.csv rows)}`` of a sharp tiny InternVL (its outputs depend on the image and
+    on the exemplar) tuned as each VLM stage. The rows are the stage's predict loop (what `vitask predict` runs)
+    on the test splits, the reference; its exemplar features come from the feature cache, while classify runs
+    the TSM on the files."""
     root = tmp_path_factory.mktemp("classify")
     base = sharp_base(tiny_dirs["internvl"], root / "base")
-    module = ExemplarPromptTuning(
-        tsm_ckpt=tsm_ckpt,
-        vlm=base,
-        datasets=FLAGS,
-        lora=LORA,
-        exemplar={"cache_dir": feature_cache_dir},  # predict reads the cache; classify runs the TSM on its images
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )
-    return fit_and_save(module, synth_root, root), module
+    common = dict(vlm=base, datasets=FLAGS, lora=LORA, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    vitask = dict(tsm_ckpt=tsm_ckpt, exemplar={"cache_dir": feature_cache_dir}, **common)
+    out = {}
+    for name, build in (
+        ("ep", lambda: ExemplarPromptTuning(**vitask)),
+        ("rda_crt", lambda: RDACRTTuning(init_from=out["ep"][0], **vitask)),
+        ("vanilla", lambda: VanillaInstructionTuning(**common)),
+    ):
+        module = build()
+        path = fit_and_save(module, synth_root, root / name)
+        dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0)
+        quick_trainer(1, default_root_dir=root / name / "predict").predict(module.eval(), datamodule=dm)
+        out[name] = (path, read_csv(root / name / "predict" / "predictions.csv"))
+    return out
 
 
 @pytest.fixture(scope="module")
-def predicted(stage, synth_root, tmp_path_factory):
-    """predictions.csv of the stage's predict loop (what `vitask predict` runs) on the test splits: the reference.
-    Its exemplar features come from the feature cache; classify runs the TSM on the files."""
-    path, module = stage
-    out = tmp_path_factory.mktemp("predict")
-    dm = MedMNISTDataModule(synth_root, FLAGS, 28, batch_size=4, num_workers=0)
-    quick_trainer(1, default_root_dir=out).predict(module.eval(), datamodule=dm)
-    return read_csv(out / "predictions.csv")
+def stage(stages):
+    return stages["ep"]
 
 
+@pytest.mark.parametrize("name", ["ep", "rda_crt", "vanilla"])
 @pytest.mark.parametrize("flag", FLAGS)  # RGB multi-class, gray multi-label
-def test_classify_files_equals_predict_on_the_split(flag, stage, predicted, synth_root, tmp_path):
+def test_classify_files_equals_predict_on_the_split(name, flag, stages, synth_root, tmp_path):
+    path, predicted = stages[name]
     images = write_split_images(synth_root, flag, tmp_path / "images")
-    clf = Classifier.load(stage[0], flag, device="cpu")
-    assert clf.modes == ("wo_ep", "w_ep")
+    clf = Classifier.load(path, flag, device="cpu")
+    assert clf.modes == (("wo_ep",) if name == "vanilla" else ("wo_ep", "w_ep"))
     rows = clf.predict(images)  # a folder, read in sorted order
     assert [r["image"] for r in rows] == [str(p) for p in sorted(images.iterdir())]
     for mode in clf.modes:
         reference = by_index(predicted, flag, mode)
         assert len(reference) == len(rows) > 0
         np.testing.assert_allclose(probs(rows, mode), [reference[i] for i in range(len(rows))], atol=TOL, rtol=0)
-    assert not np.allclose(probs(rows, "wo_ep"), probs(rows, "w_ep"), atol=1e-2)  # the exemplar reaches them
-    # Arrays in, as a notebook has them: the same rows.
+    if name != "vanilla":
+        assert not np.allclose(probs(rows, "wo_ep"), probs(rows, "w_ep"), atol=1e-2)  # the exemplar reaches them
+    # Arrays and PIL images in, as a notebook has them: the same rows.
+    from PIL import Image
+
     with np.load(synth_root / f"{flag}.npz") as npz:
         arrays = list(npz["test_images"][:3])
-    np.testing.assert_allclose(probs(clf.predict(arrays), "w_ep"), probs(rows[:3], "w_ep"), atol=1e-6, rtol=0)
+    mode = clf.modes[-1]  # to 1e-5: a batch of 3 against one of 16 sums floats in another order
+    np.testing.assert_allclose(probs(clf.predict(arrays), mode), probs(rows[:3], mode), atol=1e-5, rtol=0)
+    pictures = [Image.fromarray(a) for a in arrays]
+    np.testing.assert_allclose(probs(clf.predict(pictures), mode), probs(rows[:3], mode), atol=1e-5, rtol=0)
 
 
 def test_an_export_classifies_as_its_checkpoint_and_carries_its_tsm(stage, synth_root, tmp_path):
@@ -105,6 +116,17 @@ def test_an_export_classifies_as_its_checkpoint_and_carries_its_tsm(stage, synth
     theirs = Classifier.load(folder, FLAGS[0], device="cpu").predict(images)
     for mode in ("wo_ep", "w_ep"):
         np.testing.assert_allclose(probs(theirs, mode), probs(ours, mode), atol=1e-6, rtol=0)
+    # A stage whose TSM has gone: the export says so and holds none, and classifying with the exemplar asks for one.
+    checkpoint = torch.load(stage[0], weights_only=True)
+    tsm = checkpoint["hyper_parameters"]["tsm_ckpt"]
+    checkpoint["hyper_parameters"]["tsm_ckpt"] = str(tmp_path / "gone.ckpt")
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    bare = export(str(tmp_path / "moved.ckpt"), out=str(tmp_path / "bare"))
+    assert not (bare / "tsm.ckpt").exists()
+    with pytest.raises(MissingFileError, match=r"--tsm_ckpt: the stage's TSM \(none recorded\) is not there"):
+        Classifier.load(bare, FLAGS[0], device="cpu")
+    plugged = Classifier.load(bare, FLAGS[0], tsm_ckpt=tsm, device="cpu").predict(images)
+    np.testing.assert_allclose(probs(plugged, "w_ep"), probs(ours, "w_ep"), atol=1e-6, rtol=0)
 
 
 def test_plugging_another_tsm_changes_only_the_exemplar_answers(stage, synth_root, tmp_path):
@@ -163,8 +185,21 @@ def test_bad_inputs_are_one_line(stage, synth_root, tmp_path):
     (images / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ConfigError, match=r"broken.png: not a readable image"):
         Classifier.load(stage[0], FLAGS[0], device="cpu").predict(images)
-    with pytest.raises(ConfigError, match=r"--model: .* differs in datasets"):
+    with pytest.raises(ConfigError, match=r"--dataset: 'pneumoniamnist' is not among the stage's tuned datasets"):
         Classifier.load(stage[0], "pneumoniamnist", device="cpu")
+    assert Classifier.load(stage[0], FLAGS[0].upper(), device="cpu").spec.flag == FLAGS[0]  # flags as typed
+    wide = make_tsm_ckpt(synth_root, FLAGS, tmp_path / "wide.ckpt", embed_dim=48)
+    with pytest.raises(ConfigError, match=r"--tsm_ckpt: .*wide.ckpt gives 48-wide features but .* takes 32"):
+        Classifier.load(stage[0], FLAGS[0], tsm_ckpt=wide, device="cpu")
+    other = make_tsm_ckpt(synth_root, ["pneumoniamnist"], tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match=r"--tsm_ckpt: .*other.ckpt was trained on \['pneumoniamnist'\]"):
+        Classifier.load(stage[0], FLAGS[0], tsm_ckpt=other, device="cpu")
+    with pytest.raises(ConfigError, match=r"--device: cuda:7, but this machine has"):
+        Classifier.load(stage[0], FLAGS[0], device="cuda:7")
+    hp = torch.load(stage[0], weights_only=True)["hyper_parameters"]
+    cached = ExemplarPromptTuning(tsm_ckpt=hp["tsm_ckpt"], vlm=hp["vlm"], datasets=[FLAGS[0]])  # the feature cache on
+    with pytest.raises(ConfigError, match=r"feature_cache false"):
+        Classifier(cached)
     with pytest.raises(ConfigError, match=r"--dataset: the stage was tuned on"):
         Classifier.load(stage[0], device="cpu")
     with pytest.raises(MissingFileError, match=r"--tsm_ckpt: .*nope.ckpt.*--ep false"):

@@ -170,7 +170,9 @@ def test_the_pipeline_runs_vitask_plug_on_pydicom_files_and_classify_agrees(tmp_
 
     run_dir = tmp_path / "p"
     tsm = json.loads((run_dir / "seed0/plug_tsm_scans/done.json").read_text())
-    assert json.loads(open(tsm["metrics"]).read())["scans"]  # the plugged TSM, trained and tested on the scans
+    card = json.loads((data / "scans.card.json").read_text())
+    tested = json.loads(open(tsm["metrics"]).read())["scans"]  # the plugged TSM, trained and tested on the scans
+    assert tested["n"] == card["n_samples"]["test"] and 0 <= tested["acc"] <= 1
     record = json.loads((run_dir / "seed0/plug_scans/done.json").read_text())
     original, plugged = (json.loads(open(record[k]).read()) for k in ("metrics", "metrics_plugged"))
     assert original["wo_ep"] == plugged["wo_ep"]  # the VLM alone does not see the TSM

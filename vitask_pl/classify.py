@@ -16,8 +16,7 @@ From Python (a notebook)::
 from __future__ import annotations
 
 import inspect
-import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,46 +27,27 @@ from vitask_pl.data.cards import read_card
 from vitask_pl.data.catalog import FLAGS
 from vitask_pl.data.dataset import JointDataset
 from vitask_pl.data.files import Split
-from vitask_pl.data.images import is_image, read_image, to_array
-from vitask_pl.errors import ConfigError, MissingFileError
+from vitask_pl.data.images import is_image, picture_array, read_image, to_array
+from vitask_pl.errors import ConfigError, MissingFileError, UserError
 from vitask_pl.eval.results import write_json, write_predictions
 from vitask_pl.fingerprint import compare
 from vitask_pl.modules.evaluation import answer
 from vitask_pl.stages import STAGES
 
-EXPORT_RECORD = "vitask_export.json"  # the provenance `vitask export` writes; its presence makes a folder an export
 SOURCE = "a VLM stage checkpoint (`vitask fit`'s checkpoints/last.ckpt) or a `vitask export` folder"
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
-def _adapters_from_checkpoint(path: Path) -> tuple[dict, dict, dict, str | None]:
-    """``(hyperparameters, fingerprint record, adapter tensors, TSM file)`` of a stage checkpoint."""
+def _from_checkpoint(path: Path) -> tuple[dict, dict, dict, str | None]:
+    """``(hyperparameters, fingerprint record, adapter tensors, TSM)`` of a stage checkpoint; its TSM is the path
+    it was tuned with, as for `vitask test`."""
     from vitask_pl.export import read_checkpoint
     from vitask_pl.models.vitask_model import is_adapter
 
     checkpoint, _ = read_checkpoint(str(path), "--model")
+    hp = checkpoint["hyper_parameters"]
     adapters = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
-    return checkpoint["hyper_parameters"], checkpoint["vitask"], adapters, None
-
-
-def _adapters_from_export(folder: Path) -> tuple[dict, dict, dict, str | None]:
-    """The same, from an export folder: its LoRA (PEFT keys) and connector mapped back to the stage's keys."""
-    from safetensors.torch import load_file
-
-    from vitask_pl.export import VLM_PREFIX, connector_key, lora_key
-
-    provenance = json.loads((folder / EXPORT_RECORD).read_text())
-    if "hyper_parameters" not in provenance:
-        raise ConfigError(
-            f"--model: {folder} was exported by an earlier vitask, without the stage's hyperparameters; export the "
-            f"checkpoint again (`vitask export CKPT --out DIR --force`)."
-        )
-    adapters = {VLM_PREFIX + lora_key(k): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
-    tsm = None
-    if provenance["connector"]:
-        adapters.update({connector_key(k): v for k, v in load_file(folder / "connector.safetensors").items()})
-        tsm = str(folder / "tsm.ckpt") if (folder / "tsm.ckpt").is_file() else None
-    return provenance["hyper_parameters"], provenance["record"], adapters, tsm
+    return hp, checkpoint["vitask"], adapters, hp.get("tsm_ckpt")
 
 
 class Classifier:
@@ -76,15 +56,21 @@ class Classifier:
     Build it with :meth:`load`; :meth:`predict` takes paths (files or folders), uint8 arrays or PIL images.
 
     Args:
-        module: a VLM stage whose exemplar source (if any) runs the TSM on each batch (no feature cache).
-        dataset: the dataset (a MedMNIST flag or an imported card) whose instruction and classes are asked.
+        module: a VLM stage of one dataset whose exemplar source (if any) runs the TSM on each batch: the feature
+            cache is keyed by split rows, which images from elsewhere do not have.
         convert: convert an image of the other channel count (luminance, or gray copied to RGB), as the import does.
         batch_size: images per forward.
     """
 
-    def __init__(self, module, dataset: str, *, convert: bool = False, batch_size: int = 16):
+    def __init__(self, module, *, convert: bool = False, batch_size: int = 16):
+        source = module.model.source
+        if len(module.specs) != 1 or (source is not None and source.cache is not None):
+            raise ConfigError(
+                "Classifier: the module must be built for one dataset with exemplar.feature_cache false (the cache "
+                "is keyed by split rows); build it with Classifier.load."
+            )
         self.module = module.eval()
-        (self.spec,) = [s for s in module.specs if s.flag == dataset]
+        (self.spec,) = module.specs
         self.size = int(module.hparams["image_size"])
         self.convert, self.batch_size = convert, batch_size
         self.modes = module.modes
@@ -109,27 +95,29 @@ class Classifier:
             dataset: what the images are: a dataset the stage was tuned on, or an imported one whose card (under
                 ``root``) shares a tuned dataset's label space. Default: the stage's one dataset.
             root: where an imported dataset's card is (cards of the tuned datasets travel in the stage).
-            tsm_ckpt: the TSM for ``w_ep``; default the stage's own (an export's copy, else the path it was tuned
-                with). A TSM trained on ``dataset`` itself is VITask^plug.
+            tsm_ckpt: the TSM for ``w_ep``; default the stage's own (an export's copy, or the path a checkpoint was
+                tuned with). A TSM trained on ``dataset`` itself is VITask^plug.
             ep: answer with the exemplar too (VITask stages); ``false``: the VLM alone, no TSM needed.
             convert: convert images of the other channel count instead of refusing them.
             batch_size: images per forward.
             device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``...
         """
+        from vitask_pl.export import EXPORT_RECORD, read_export
         from vitask_pl.modules.vanilla import VanillaInstructionTuning
         from vitask_pl.modules.vitask import ExemplarPromptTuning
 
+        where = _device(device)
         path = Path(model).expanduser()
         if (path / EXPORT_RECORD).is_file():
-            hp, record, adapters, exported_tsm = _adapters_from_export(path)
+            hp, record, adapters, own_tsm = read_export(path)
         elif path.is_file():
-            hp, record, adapters, exported_tsm = _adapters_from_checkpoint(path)
+            hp, record, adapters, own_tsm = _from_checkpoint(path)
         else:
-            what = "a folder without " + EXPORT_RECORD if path.is_dir() else "not there"
+            what = f"a folder without {EXPORT_RECORD}" if path.is_dir() else "not there"
             raise MissingFileError(f"--model: {model} is {what}; pass {SOURCE}.")
         trained = list(hp["datasets"])
         card = _card(dataset, trained, hp.get("cards") or {}, root)
-        name = card["name"] if card else dataset or trained[0]
+        name = card["name"] if card else (dataset or trained[0]).lower()
         run = {"stage": record["stage"], "datasets": [name]}
         if card and card["shares"]:
             run["shares"] = {name: card["shares"]}
@@ -142,8 +130,12 @@ class Classifier:
         # for the VLM alone. The adapters are loaded over it and must all fit.
         klass = ExemplarPromptTuning if with_ep else VanillaInstructionTuning
         kwargs = {**hp, "datasets": [name], "cards": {name: card} if card else None}
+        options = dict(hp.get("vlm_options") or {})
+        if where.type != "cuda" and options.get("attn_implementation") == "flash_attention_2":
+            options["attn_implementation"] = "sdpa"  # the same attention, computed without a GPU kernel
+        kwargs["vlm_options"] = options
         if with_ep:
-            kwargs["tsm_ckpt"] = _tsm(tsm_ckpt, exported_tsm, hp.get("tsm_ckpt"))
+            kwargs["tsm_ckpt"] = _tsm(tsm_ckpt or own_tsm, name, card, record, int(hp["image_size"]))
             kwargs["exemplar"] = {**(hp.get("exemplar") or {}), "feature_cache": False}  # the TSM runs on the images
         elif tsm_ckpt:
             raise ConfigError(
@@ -152,13 +144,17 @@ class Classifier:
             )
         kwargs.pop("objective", None)  # training's only
         accepted = inspect.signature(klass.__init__).parameters
-        module = klass(**{k: v for k, v in kwargs.items() if k in accepted})
+        try:
+            module = klass(**{k: v for k, v in kwargs.items() if k in accepted})
+        except UserError as err:  # the stage's own check, phrased for `vitask fit`: say where the value came from
+            raise type(err)(f"--model: {model}'s stage cannot be rebuilt here: {err}") from None
         _load_adapters(module, adapters, model, vitask and not with_ep)
-        module.to(_device(device))
-        return cls(module, name, convert=convert, batch_size=batch_size)
+        module.to(where)
+        return cls(module, convert=convert, batch_size=batch_size)
 
     def arrays(self, images: Sequence) -> tuple[list[str], np.ndarray]:
-        """Names and ``(N, S, S, C)`` uint8 arrays of ``images`` (paths, folders, arrays, PIL images), as trained."""
+        """Names and ``(N, S, S, C)`` uint8 arrays of ``images`` (paths, folders, arrays, PIL images), as trained.
+        Each file is resized as it is read, so a folder of large DICOMs never sits in memory at full size."""
         names, arrays = [], []
         for i, item in enumerate(images):
             try:
@@ -183,38 +179,64 @@ class Classifier:
         data = JointDataset([self.spec], [Split(arrays, unknown)])
         loader = DataLoader(data, batch_size=self.batch_size, collate_fn=self.module.collate)
         device = next(self.module.parameters()).device
+        block = slice(self.spec.offset, self.spec.offset + self.spec.num_classes)
         rows = []
         for batch in loader:
             probs = self.module.class_probabilities(move_data_to_device(batch, device))
             for b in range(len(batch["dataset"])):
                 row = {"image": names[len(rows)], "dataset": self.spec.flag}
                 for mode, p in probs.items():
-                    p = p[b, : self.spec.num_classes].cpu()
+                    p = p[b, block].cpu()
                     row[mode] = {"answer": answer(self.spec, p), "probs": dict(zip(self.spec.labels, p.tolist()))}
                 rows.append(row)
         return rows
 
 
 def _card(dataset: str | None, trained: list[str], cards: dict, root) -> dict | None:
-    """The card of ``dataset`` (``None`` for a MedMNIST flag): the stage's own, else read under ``root``."""
+    """The card of ``dataset`` (``None`` for a MedMNIST flag): the stage's own, else read under ``root``; the
+    dataset must be one the stage was tuned on or share one's label space."""
     if dataset is None:
         if len(trained) > 1:
             raise ConfigError(
                 f"--dataset: the stage was tuned on {trained}; name the images' dataset, e.g. --dataset {trained[0]}."
             )
         dataset = trained[0]
-    dataset = dataset.lower()
-    if dataset in FLAGS:
-        return None
-    return cards.get(dataset) or read_card(root, dataset, "--dataset")
+    name = dataset.lower()
+    card = None if name in FLAGS else cards.get(name) or read_card(root, name, "--dataset")
+    if name not in trained and (card is None or card["shares"] not in trained):
+        shared = f" (it shares {card['shares']})" if card and card["shares"] else ""
+        raise ConfigError(
+            f"--dataset: {dataset!r}{shared} is not among the stage's tuned datasets {trained}; pass one of them, or "
+            f"an import that shares one's label space (`vitask data import --shares {trained[0]} ...`)."
+        )
+    return card
 
 
-def _tsm(given: str | None, exported: str | None, trained_with: str | None) -> str:
-    path = given or exported or trained_with
+def _tsm(path: str | None, dataset: str, card: dict | None, record: dict, image_size: int) -> str:
+    """The TSM for ``w_ep``, checked against what the stage's connector and the images need."""
+    from vitask_pl.models.tsm import load_tsm
+
     if not path or not Path(path).is_file():
         raise MissingFileError(
             f"--tsm_ckpt: the stage's TSM {path or '(none recorded)'} is not there; pass --tsm_ckpt PATH (the TSM it "
             f"was tuned with, or one trained on these images' dataset: VITask^plug), or --ep false for the VLM alone."
+        )
+    tsm, hp = load_tsm(path, option="--tsm_ckpt")
+    width, trained_on = record.get("tsm_width"), list(hp["datasets"])
+    if width is not None and tsm.num_features != width:
+        raise ConfigError(
+            f"--tsm_ckpt: {path} gives {tsm.num_features}-wide features but the stage's connector takes {width}; "
+            f"plug in a TSM of the same backbone width."
+        )
+    if dataset not in trained_on and (card is None or card["shares"] not in trained_on):
+        raise ConfigError(
+            f"--tsm_ckpt: {path} was trained on {trained_on}, not on {dataset}; pass a TSM trained on {dataset} "
+            f"(or on the dataset whose label space it shares)."
+        )
+    if hp.get("image_size") != image_size:
+        raise ConfigError(
+            f"--tsm_ckpt: {path} was trained at {hp.get('image_size')} px, the stage at {image_size} px; pass a TSM "
+            f"trained at {image_size} px."
         )
     return path
 
@@ -242,27 +264,43 @@ def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        where = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device: {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            f"--device: {device}, but this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu "
+            f"or auto."
+        )
+    if where.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {device!r}; use auto, cpu, cuda or cuda:N.")
+    return where
 
 
-def _read(item, position: int) -> list[tuple[str, np.ndarray]]:
-    """``(name, uint8 pixels)`` of one input: a file, every image under a folder (sorted), an array or PIL image."""
+def _read(item, position: int) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, uint8 pixels)`` of one input, lazily: a file, every image under a folder (sorted), an array, or a
+    PIL image (read as an image file is)."""
     if isinstance(item, (str, Path)):
         path = Path(item).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if is_image(p))
-            if not files:
-                raise ConfigError(f"{item} holds no PNG, JPEG, TIFF, BMP or DICOM file; check the folder.")
-            return [(str(p), read_image(p)) for p in files]
-        return [(str(item), read_image(path))]
+        if not path.is_dir():
+            yield str(item), read_image(path)
+            return
+        files = sorted(p for p in path.rglob("*") if is_image(p))
+        if not files:
+            raise ConfigError(f"{item} holds no PNG, JPEG, TIFF, BMP or DICOM file; check the folder.")
+        for file in files:
+            yield str(file), read_image(file)
+        return
+    name = f"images[{position}]"
+    if hasattr(item, "mode") and hasattr(item, "convert"):  # a PIL image
+        yield name, picture_array(item, name)
+        return
     pixels = np.asarray(item)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
         raise ConfigError(
-            f"images[{position}]: an array of {pixels.dtype} {pixels.shape}; pass uint8 (H, W) gray or (H, W, 3) RGB."
+            f"{name}: an array of {pixels.dtype} {pixels.shape}; pass uint8 (H, W) gray or (H, W, 3) RGB."
         )
-    return [(f"images[{position}]", pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)]
+    yield name, pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
 
 
 def flat_rows(rows: list[dict]) -> list[dict]:
@@ -270,9 +308,9 @@ def flat_rows(rows: list[dict]) -> list[dict]:
     flat = []
     for row in rows:
         out = {"image": row["image"], "dataset": row["dataset"]}
-        for mode in (m for m in ("wo_ep", "w_ep") if m in row):
-            out[f"{mode}_answer"] = row[mode]["answer"]
-            out.update({f"{mode}_p[{c}]": round(p, 6) for c, p in row[mode]["probs"].items()})
+        for mode, result in ((k, v) for k, v in row.items() if isinstance(v, dict)):
+            out[f"{mode}_answer"] = result["answer"]
+            out.update({f"{mode}_p[{c}]": round(p, 6) for c, p in result["probs"].items()})
         flat.append(out)
     return flat
 
@@ -290,8 +328,10 @@ def classify(
     device: str = "auto",
     force: bool = False,
 ) -> Path:
-    """Classify image files with a tuned stage: one row per image, the answer and the class probabilities, without
-    the TSM (``wo_ep``) and, for a VITask stage, with it (``w_ep``).
+    """Classify image files with a tuned stage or an export: a CSV or JSON row per image.
+
+    Each row holds the answer and the class probabilities without the TSM (``wo_ep``) and, for a VITask stage,
+    with its exemplar (``w_ep``).
 
     Args:
         images: image files and folders (PNG, JPEG, TIFF, BMP, DICOM; folders are read recursively), e.g.

@@ -75,6 +75,27 @@ def connector_key(key: str) -> str:
     return CONNECTOR_PREFIX + key
 
 
+EXPORT_RECORD = "vitask_export.json"  # the provenance an export folder holds; its presence makes a folder one
+
+
+def read_export(folder: Path, option: str = "--model") -> tuple[dict, dict, dict, str | None]:
+    """What rebuilds an exported stage: ``(hyperparameters, fingerprint record, adapter tensors keyed as the
+    stage's state dict, its TSM copy or None)``; the inverse of :func:`export`."""
+    from safetensors.torch import load_file
+
+    provenance = json.loads((folder / EXPORT_RECORD).read_text())
+    if "hyper_parameters" not in provenance:
+        raise ConfigError(
+            f"{option}: {folder} was exported by an earlier vitask, without the stage's hyperparameters; export the "
+            f"checkpoint again (`vitask export CKPT --out DIR --force`)."
+        )
+    adapters = {VLM_PREFIX + lora_key(k): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    if provenance["connector"]:
+        adapters.update({connector_key(k): v for k, v in load_file(folder / "connector.safetensors").items()})
+    tsm = folder / "tsm.ckpt" if provenance.get("tsm") else None
+    return provenance["hyper_parameters"], provenance["record"], adapters, str(tsm) if tsm else None
+
+
 def load_lora(peft_model, weights: dict[str, torch.Tensor], path: str, base: str) -> None:
     """Copy ``weights`` into ``peft_model``'s LoRA; every tensor must land on a LoRA parameter of the same shape and
     every LoRA parameter must get one, so an export is never silently partial."""
@@ -146,7 +167,7 @@ model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{
 processor = AutoProcessor.from_pretrained("DIR")
 ```
 
-Classify image files with it: `vitask classify --model DIR --images '[scans/]' --out predictions.csv`.
+Classify image files with it: `vitask classify --model DIR --dataset NAME --images '[scans/]' --out predictions.csv`.
 {tail}"""
 
 
@@ -210,13 +231,19 @@ def _write(tmp: Path, checkpoint: dict, ckpt: str, cls: str, merge: bool) -> dic
         provenance["tsm"] = "tsm.ckpt" if tsm and Path(tsm).is_file() else None
         if provenance["tsm"]:
             shutil.copyfile(tsm, tmp / "tsm.ckpt")
+            provenance["tsm_sha256"] = file_sha256(tmp / "tsm.ckpt")
+        else:
+            print(
+                f"export: the stage's TSM {tsm} is not there, so the export holds none; classifying with the "
+                f"exemplar will need --tsm_ckpt"
+            )
         (tmp / "connector.json").write_text(json.dumps(connector, indent=2) + "\n")
     peft_model.save_pretrained(tmp)
     card = ModelCard.load(tmp / "README.md")  # PEFT's template card: keep its hub metadata, say what this is instead
     card.text = _readme(provenance)
     card.save(tmp / "README.md")
     processor.save_pretrained(tmp)
-    (tmp / "vitask_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (tmp / EXPORT_RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
     if merge:
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(tmp / "merged")

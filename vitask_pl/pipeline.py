@@ -23,7 +23,7 @@ from vitask_pl.eval.contrast import response_probabilities
 from vitask_pl.eval.probe import pixels, probe_table, vlm_image_features
 from vitask_pl.fingerprint import check, load
 from vitask_pl.guards import last_checkpoints
-from vitask_pl.report import report
+from vitask_pl.report import PLUG_TSM, report
 from vitask_pl.stages import STAGES
 
 # Each run of the pipeline is one stage of vitask_pl.stages (its config) with overrides, and its evaluations.
@@ -45,7 +45,6 @@ INCOMPLETE = ("vanilla_incomplete", "ep_incomplete", "rda_crt_incomplete")
 INIT_FROM = {"rda_crt": "ep", "rda_only": "ep", "crt_only": "ep", "rda_crt_incomplete": "ep_incomplete"}
 BASELINE = {s: "vanilla_incomplete" if s in INCOMPLETE else "vanilla" for s in RUNS}
 FIRST_HALF = ("ep", "ep_incomplete")  # stage 1 takes half of the baseline's steps, stage 2 (and ablations) the rest
-PLUG_TSM = "plug_tsm"  # the TSM VITask^plug trains on an external set: `plug_tsm_<name>`, overrides `stages.plug_tsm`
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -259,7 +258,7 @@ def pipeline(
     for option, names in (("--stages", stages), ("--select_on_val", select_on_val or [])):
         unknown = set(names) - set(RUNS) - {PLUG_TSM}
         if unknown:
-            raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {list(RUNS)}.")
+            raise ConfigError(f"{option}: unknown stage(s) {sorted(unknown)}; stages are {[*RUNS, PLUG_TSM]}.")
     if synthesize:
         _ensure_synthetic(**synthesize)
     order = (
@@ -327,9 +326,15 @@ def _plugged(name: str, common: dict) -> str:
     """An external set for VITask^plug: an imported dataset under ``data.root`` sharing a tuned dataset's labels."""
     from vitask_pl.data.cards import read_card, resolve_datasets
 
-    root = common.get("data.root", "data/medmnist")
+    missing = [k for k in ("data.root", "data.datasets") if k not in common]
+    if missing:  # the stage configs may name other ones; the external sets are read where the tuned ones are
+        raise ConfigError(
+            f"--plug: {name} needs {' and '.join(missing)} in --common, where the tuned datasets and the external "
+            f"sets' cards are read; add them (e.g. common: {{data.root: data/medmnist, data.datasets: [retinamnist]}})."
+        )
+    root = common["data.root"]
     card = read_card(root, str(name).lower(), "--plug")
-    tuned = resolve_datasets(common.get("data.datasets", "all"), root)
+    tuned = resolve_datasets(common["data.datasets"], root)
     if card["shares"] not in tuned:
         raise ConfigError(
             f"--plug: {name} shares {card['shares'] or 'no MedMNIST label space'}, which is not among the tuned "

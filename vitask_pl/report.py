@@ -64,6 +64,7 @@ PLUG_ROWS = [
     ("VITask^plug: w/ EP, TSM trained on it", "metrics_plugged", "w_ep"),
 ]
 PLUG_TSM_ROW = "TSM trained on it"
+PLUG_TSM = "plug_tsm"  # the pipeline's run of that TSM is `plug_tsm_<name>`; its overrides are `stages.plug_tsm`
 # The paper's Table 3, APTOS (ACC): what the external-validation rows are compared with.
 PAPER_PLUG = {"VITask (APTOS)": 0.456, "VITask^plug (APTOS)": 0.668}
 
@@ -123,7 +124,7 @@ def _plug(records: dict) -> dict:
             for label, key, mode in PLUG_ROWS:
                 if (table := _table(record, key, mode, "score")) is not None:
                     rows.setdefault(label, []).append(table[name])
-            tsm = recs.get(f"plug_tsm_{name}")
+            tsm = recs.get(f"{PLUG_TSM}_{name}")
             if tsm and (table := _table(tsm, "metrics", None, None)) is not None:
                 rows.setdefault(PLUG_TSM_ROW, []).append(table[name])
     return {

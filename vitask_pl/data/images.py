@@ -120,17 +120,25 @@ def read_picture(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("L", "RGB"):
-                return np.asarray(im).copy()
-            if not im.mode.startswith(("I", "F")):  # 1, LA, P, RGBA, CMYK, ...: PIL's conversion to 8 bits
-                return np.asarray(im.convert("L" if im.mode in ("1", "LA") else "RGB")).copy()
-            values = np.asarray(im)  # I;16, I, F: gray of more than 8 bits
+            return picture_array(im, str(path))
+    except ConfigError:  # the picture_array's own message (a ValueError too)
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ConfigError(
             f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace it."
         ) from None
+
+
+def picture_array(im, source: str) -> np.ndarray:
+    """A PIL image as uint8 gray or RGB: 8-bit gray and RGB as they are; 1, LA, P, RGBA, CMYK... through PIL's
+    conversion; gray of more than 8 bits (I;16, I, F) scaled from its own minimum and maximum."""
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im).copy()
+    if not im.mode.startswith(("I", "F")):
+        return np.asarray(im.convert("L" if im.mode in ("1", "LA") else "RGB")).copy()
+    values = np.asarray(im)
     if values.ndim != 2:
-        raise ConfigError(f"{path}: an image of shape {values.shape}; save it as 8-bit gray or RGB.")
+        raise ConfigError(f"{source}: an image of shape {values.shape}; save it as 8-bit gray or RGB.")
     return to_uint8(values, float(values.min()), float(values.max()))
 
 

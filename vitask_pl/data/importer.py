@@ -237,6 +237,7 @@ def import_dataset(
         keep = np.flatnonzero(split == k)
         data[f"{s}_images"] = np.stack([arrays[i] for i in keep]).astype(np.uint8)
         data[f"{s}_labels"] = targets[keep, None].astype(np.uint8)
+    manifest_path(out).unlink(missing_ok=True)  # stale once the rows change; absent beats wrong if interrupted
     with atomic_path(out) as tmp:
         np.savez_compressed(tmp, **data)
     write_text(card_file, json.dumps(card, indent=2) + "\n")
