@@ -30,9 +30,10 @@ def bench(capsys, *argv) -> str:
 
 def check(out: str) -> None:
     rows = out.splitlines()
-    for name in VARIANTS:  # ms/step, memory, GFLOP, time x, FLOP x, time/FLOP: all finite and positive
+    for name in VARIANTS:  # ms/step, median, memory, GFLOP, time x, FLOP x, time/FLOP: all finite and positive
         cells = next(r for r in rows if r.startswith(name))[len(name) :].split()
-        assert len(cells) == 6 and all(math.isfinite(float(c)) and float(c) > 0 for c in cells), (name, cells)
+        assert len(cells) == 7 and all(math.isfinite(float(c)) and float(c) > 0 for c in cells), (name, cells)
+        assert float(cells[0]) <= float(cells[1]), (name, cells)  # ms/step is the fastest round, never above the median
     assert "ratios (same process, same batch):" in out
     for line in RATIOS:
         value = next(row for row in rows if row.strip().startswith(line)).split()[-1]

@@ -31,9 +31,8 @@ class Prefix:
     next_position: torch.Tensor  # (B,) position id of the first generated token
 
 
-def _text_positions(vlm: VLM, start: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions ``start + t`` for ``length`` new text tokens; Qwen2-VL's M-RoPE uses them on all 3 axes."""
-    pos = start[:, None] + torch.arange(length, device=start.device)
+def _text_positions(vlm: VLM, pos: torch.Tensor) -> torch.Tensor:
+    """The ``(B, L)`` positions of new text tokens as the family takes them: Qwen2-VL's M-RoPE on all 3 axes."""
     return pos[None].expand(3, -1, -1) if vlm.family.name == "qwen2_vl" else pos
 
 
@@ -66,37 +65,41 @@ def candidate_loglik(vlm: VLM, prefix: Prefix, cand_ids: torch.Tensor, cand_mask
 
     The candidates of a sample run as one packed row against the prompt's cache, which is never copied: each
     candidate's tokens attend to the prompt and to their own earlier tokens only (a block mask), at the positions
-    they would have after the prompt. The LM head runs only at the positions that predict candidate tokens.
+    they would have after the prompt. Only the tokens that predict a later token of their candidate are packed,
+    left-aligned, so the padding of the ``(C, T)`` candidate grid costs nothing (the bench's proportional batch:
+    a 15 x 10 grid per sample holds at most 31 real tokens). The LM head runs only at the packed tokens.
     """
     b, c, t = cand_ids.shape
     logp_first = F.log_softmax(vlm.head(prefix.last_hidden).float(), dim=-1)  # (B, V)
     total = logp_first.gather(1, cand_ids[:, :, 0])  # (B, C)
+    predicts = cand_mask[:, :, 1:].reshape(b, c * (t - 1)).bool()  # token s of a candidate predicts token s + 1
     if t == 1:
         return total
-    inputs, steps = cand_ids[:, :, :-1].reshape(b, c * (t - 1)), t - 1
-    real = cand_mask[:, :, :-1].reshape(b, c * steps).bool()
+    rows, flat = predicts.nonzero(as_tuple=True)  # flat = candidate * (t - 1) + step, in order within a row
+    cols = (predicts.cumsum(dim=1) - 1)[rows, flat]  # its slot in the packed row
+    width = int(predicts.sum(dim=1).max())
+    inputs = torch.zeros(b, width, dtype=cand_ids.dtype, device=cand_ids.device)  # padding slots: masked out
+    owner = torch.full_like(inputs, -1)  # the candidate of each slot, -1 on padding
+    step = torch.zeros_like(inputs)
+    inputs[rows, cols] = cand_ids[:, :, :-1].reshape(b, -1)[rows, flat]
+    owner[rows, cols], step[rows, cols] = flat // (t - 1), flat % (t - 1)
     embeds = vlm.model.get_input_embeddings()(inputs)
-    mask = _packed_mask(prefix.mask.bool(), real, c, steps, embeds.dtype)
-    positions = _text_positions(vlm, prefix.next_position, steps)
-    positions = positions.repeat(*([1] * (positions.ndim - 1)), c)  # each candidate restarts after the prompt
-    hidden, _ = vlm.decode(embeds, mask, positions, cache=prefix.cache, use_cache=True)
-    keep = cand_mask[:, :, 1:].reshape(b * c, steps).bool()
-    targets = cand_ids[:, :, 1:].reshape(b * c, steps)[keep]
-    hidden = hidden.reshape(b * c, steps, -1)
-    logp = F.log_softmax(vlm.head(hidden[keep]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    rest = torch.zeros(b * c, device=logp.device).index_add_(0, keep.nonzero()[:, 0], logp)
+    mask = _packed_mask(prefix.mask.bool(), owner, step, embeds.dtype)
+    hidden, _ = vlm.decode(
+        embeds, mask, _text_positions(vlm, prefix.next_position[:, None] + step), cache=prefix.cache, use_cache=True
+    )
+    targets = cand_ids[:, :, 1:].reshape(b, -1)[rows, flat]
+    logp = F.log_softmax(vlm.head(hidden[rows, cols]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    rest = torch.zeros(b * c, device=logp.device).index_add_(0, rows * c + owner[rows, cols], logp)
     return total + rest.view(b, c)
 
 
-def _packed_mask(prompt: torch.Tensor, real: torch.Tensor, c: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, 1, C * T, Lp + C * T)`` additive mask of the packed candidates: a query sees the prompt's real tokens
-    and the real tokens of its own candidate up to itself (a float mask, which eager and SDPA attention both add).
-    """
-    q = torch.arange(c * steps, device=real.device)
-    own = (q[:, None] // steps == q[None, :] // steps) & (q[None, :] <= q[:, None])  # (Q, Q) block-causal
-    packed = own[None] & real[:, None, :]  # (B, Q, Q)
-    visible = torch.cat([prompt[:, None, :].expand(-1, c * steps, -1), packed], dim=2)
-    return torch.zeros(visible.shape, dtype=dtype, device=real.device).masked_fill(~visible, torch.finfo(dtype).min)[
+def _packed_mask(prompt: torch.Tensor, owner: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, Q, Lp + Q)`` additive mask of the packed candidates: a slot sees the prompt's real tokens and the
+    slots of its own candidate up to its own step (a float mask, which eager and SDPA attention both add)."""
+    own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0) & (step[:, None, :] <= step[:, :, None])
+    visible = torch.cat([prompt[:, None, :].expand(-1, owner.shape[1], -1), own], dim=2)
+    return torch.zeros(visible.shape, dtype=dtype, device=owner.device).masked_fill(~visible, torch.finfo(dtype).min)[
         :, None
     ]
 
@@ -115,7 +118,13 @@ def greedy_generate(vlm: VLM, prefix: Prefix, max_new_tokens: int, stop_ids: Seq
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         embeds = vlm.model.get_input_embeddings()(token[:, None])
-        hidden, cache = vlm.decode(embeds, mask, _text_positions(vlm, position, 1), cache=cache, use_cache=True)
+        hidden, cache = vlm.decode(
+            embeds,
+            mask,
+            _text_positions(vlm, position[:, None]),
+            cache=cache,
+            use_cache=True,
+        )
         position = position + 1
         token = vlm.head(hidden[:, -1]).argmax(dim=-1)
     tokens = torch.stack(out, dim=1).tolist()
