@@ -117,6 +117,7 @@ def tiny_tsm_checkpoint(path: Path) -> str:
     """An untrained tiny-ViT TSM checkpoint (what `vitask fit --config configs/tsm.yaml` writes, minus training)."""
     import torch
 
+    from vitask_pl.fingerprint import save_untrained
     from vitask_pl.modules.tsm import TSMModule
 
     torch.manual_seed(0)
@@ -126,8 +127,7 @@ def tiny_tsm_checkpoint(path: Path) -> str:
         image_size=28,
         backbone_kwargs={"patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2},
     )
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return str(path)
+    return save_untrained(module, path)  # with the vitask record every stage checks before it trusts a TSM
 
 
 def trainable(module) -> dict:

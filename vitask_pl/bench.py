@@ -93,14 +93,10 @@ def measure(
 
 def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
     """An untrained TSM checkpoint (timing does not depend on its weights)."""
-    from vitask_pl.fingerprint import stamp
+    from vitask_pl.fingerprint import save_untrained
     from vitask_pl.modules.tsm import TSMModule
 
-    module = TSMModule("resnet18", datasets=flags, image_size=image_size)
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    stamp(checkpoint, module)  # the record every stage checks before it trusts a TSM checkpoint
-    torch.save(checkpoint, path)
-    return str(path)
+    return save_untrained(TSMModule("resnet18", datasets=flags, image_size=image_size), path)
 
 
 def bench(
@@ -147,11 +143,21 @@ def bench(
             print(f"vitask bench — building {describe(preset)}")
             vlm = build_shaped(preset, str(Path(tmp) / preset))
             image_size = max(image_size, 224)  # the processor resizes to the preset's 448 px
-        return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm, peak_tflops)
+        show_targets = preset == "proportional"  # the targets are set at the real sequence structure
+        return _bench(Path(tmp), family, batch_size, steps, image_size, flags, dev, vlm, peak_tflops, show_targets)
 
 
 def _bench(
-    tmp: Path, family: str, batch_size: int, steps: int, image_size: int, flags: list[str], dev, vlm, peak_tflops
+    tmp: Path,
+    family: str,
+    batch_size: int,
+    steps: int,
+    image_size: int,
+    flags: list[str],
+    dev,
+    vlm,
+    peak_tflops,
+    show_targets: bool = False,
 ) -> dict:
     from vitask_pl.data.datamodule import MedMNISTDataModule
     from vitask_pl.data.synth import synthesize
@@ -281,16 +287,19 @@ def _bench(
     def m(name):
         return results[name].mib
 
+    def goal(text):
+        return f" (target {text})" if show_targets else ""
+
     lines = {
         "full / response-only logits, time": ratio(t("vanilla, full logits"), base_t),
         "full / response-only logits, memory": ratio(m("vanilla, full logits"), base_m),
         "stage-2 fused / vanilla, time": ratio(t("stage 2, fused views"), base_t),
-        "stage-2 shared prefix / vanilla, time (target <= 2.4)": ratio(t("stage 2, shared prefix"), base_t),
+        "stage-2 shared prefix / vanilla, time" + goal("<= 2.4"): ratio(t("stage 2, shared prefix"), base_t),
         "stage-2 fused / vanilla, memory": ratio(m("stage 2, fused views"), base_m),
-        "stage-2 shared prefix / vanilla, memory (target <= 2.5)": ratio(m("stage 2, shared prefix"), base_m),
+        "stage-2 shared prefix / vanilla, memory" + goal("<= 2.5"): ratio(m("stage 2, shared prefix"), base_m),
         "three forwards / fused, time": ratio(t("stage 2, three forwards"), t("stage 2, fused views")),
         "three forwards / fused, memory": ratio(m("stage 2, three forwards"), m("stage 2, fused views")),
-        "score / generate throughput (target >= 2)": ratio(t("eval generate"), t("eval score")),
+        "score / generate throughput" + goal(">= 2"): ratio(t("eval generate"), t("eval score")),
     }
     print("ratios (same process, same batch):")
     for name, value in lines.items():

@@ -145,6 +145,15 @@ def stamp(checkpoint: dict, module: torch.nn.Module) -> None:
     checkpoint[KEY] = fingerprint(module)
 
 
+def save_untrained(module, path) -> str:
+    """``module``'s weights, hyperparameters and vitask record, the part of a `vitask fit` checkpoint that the stages
+    read, written without a Trainer (the bench and the GPU check time models whose weights do not matter)."""
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    stamp(checkpoint, module)
+    torch.save(checkpoint, path)
+    return str(path)
+
+
 def check_resume(module, checkpoint: dict) -> None:
     """``on_load_checkpoint`` of every stage: the checkpoint ``--ckpt_path`` named must be of this configuration."""
     trainer = module._trainer  # None when loaded by hand (notebooks); `.trainer` would raise there
