@@ -6,6 +6,7 @@ they travel across machines better than absolute times; still, a 2-core CPU is n
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -260,6 +261,8 @@ def _bench(
         f"vitask bench — {vlm or 'tiny:' + family}, batch {len(ids)}, {dev.type}, sequence {ids.shape[1]} tokens "
         f"({int(is_image[0].sum())} image, shared prefix {prefix}, {n_tokens} response in all), vocab {c.vocab:,}"
     )
+    if dev.type == "cpu":  # large CPU tensors cost page faults unless the heap keeps them (README, "Benchmark")
+        print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset: glibc default)')}")
     memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
     base_t, _, base_m = results["vanilla, response-only logits"]
     base_f = flops["vanilla, response-only logits"]
