@@ -15,7 +15,7 @@ TEST_THREADS ?= 1
 # glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh mmap and
 # unmaps it on free, so on a CPU each step page-faults its large activations and logits afresh. Served from the heap
 # they are reused: on the proportional bench preset (2 cores) the full-logits step ran 1.4-2.0 s -> 0.5-0.9 s (five
-# runs without, three with; README, "Benchmark"). No effect off glibc or on CUDA memory.
+# runs each way; README, "Benchmark"). No effect off glibc or on CUDA memory.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967295
 
 .PHONY: help install test test-fast demo method style bench clean

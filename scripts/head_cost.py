@@ -1,4 +1,4 @@
-"""What the full-logits variant of ``vitask bench`` spends beyond its FLOPs: the cross-entropy over the vocabulary.
+"""What large CPU tensors cost beyond their FLOPs under each allocator setting: the LM head and its cross-entropy.
 
     python scripts/head_cost.py [--rows 2504] [--width 128] [--vocab 32768]
 
@@ -6,18 +6,19 @@ At the proportional preset's shape (8 sequences of 314 tokens, 313 predicting ro
 a 32,768-token vocabulary) it times, fastest of 7, the forward and backward of the LM head's matmul alone, of the
 head followed by the cross-entropy, and of the cross-entropy alone on fixed logits. Run it with and without
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` (what the Makefile sets): with glibc's default every
-tensor above its mmap threshold (at most 32 MiB) is a fresh mmap, page-faulted on first touch and unmapped on free, so each call pays for its
-pages again; with the heap keeping them, the same calls run about twice as fast.
+tensor above its mmap threshold (at most 32 MiB) is a fresh mmap, page-faulted on first touch and unmapped on
+free, so each call pays for its pages again; with the heap keeping them, the same calls run about twice as fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 import torch.nn.functional as F
+
+from vitask_pl.bench import allocator
 
 
 def fastest(fn, repeats: int = 7) -> float:
@@ -55,7 +56,7 @@ def main() -> None:
         F.cross_entropy(fixed.requires_grad_(), labels).backward()
         fixed.grad = None
 
-    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset: glibc default)')}")
+    print(allocator())
     gflop = 4 * args.rows * args.width * args.vocab / 1e9
     print(
         f"{args.rows} rows x {args.width} wide x {args.vocab:,} vocabulary; head forward + backward {gflop:.1f} GFLOP"

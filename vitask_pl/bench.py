@@ -92,6 +92,12 @@ def measure(
     return out
 
 
+def allocator() -> str:
+    """The glibc setting a CPU run was timed under: large CPU tensors cost page faults every step unless the heap
+    keeps them (README, "Benchmark"), so CPU times are comparable only under the same setting."""
+    return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset: glibc default)')}"
+
+
 def _tiny_tsm_checkpoint(path: Path, flags: list[str], image_size: int) -> str:
     """An untrained TSM checkpoint (timing does not depend on its weights)."""
     from vitask_pl.fingerprint import save_untrained
@@ -261,8 +267,8 @@ def _bench(
         f"vitask bench — {vlm or 'tiny:' + family}, batch {len(ids)}, {dev.type}, sequence {ids.shape[1]} tokens "
         f"({int(is_image[0].sum())} image, shared prefix {prefix}, {n_tokens} response in all), vocab {c.vocab:,}"
     )
-    if dev.type == "cpu":  # large CPU tensors cost page faults unless the heap keeps them (README, "Benchmark")
-        print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset: glibc default)')}")
+    if dev.type == "cpu":
+        print(allocator())
     memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
     base_t, _, base_m = results["vanilla, response-only logits"]
     base_f = flops["vanilla, response-only logits"]

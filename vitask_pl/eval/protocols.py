@@ -72,17 +72,18 @@ def candidate_loglik(vlm: VLM, prefix: Prefix, cand_ids: torch.Tensor, cand_mask
     b, c, t = cand_ids.shape
     logp_first = F.log_softmax(vlm.head(prefix.last_hidden).float(), dim=-1)  # (B, V)
     total = logp_first.gather(1, cand_ids[:, :, 0])  # (B, C)
-    predicts = cand_mask[:, :, 1:].reshape(b, c * (t - 1)).bool()  # token s of a candidate predicts token s + 1
     if t == 1:
         return total
+    predicts = cand_mask[:, :, 1:].reshape(b, c * (t - 1)).bool()  # token s of a candidate predicts token s + 1
     rows, flat = predicts.nonzero(as_tuple=True)  # flat = candidate * (t - 1) + step, in order within a row
+    cand = flat // (t - 1)
     cols = (predicts.cumsum(dim=1) - 1)[rows, flat]  # its slot in the packed row
     width = int(predicts.sum(dim=1).max())
     inputs = torch.zeros(b, width, dtype=cand_ids.dtype, device=cand_ids.device)  # padding slots: masked out
     owner = torch.full_like(inputs, -1)  # the candidate of each slot, -1 on padding
     step = torch.zeros_like(inputs)
     inputs[rows, cols] = cand_ids[:, :, :-1].reshape(b, -1)[rows, flat]
-    owner[rows, cols], step[rows, cols] = flat // (t - 1), flat % (t - 1)
+    owner[rows, cols], step[rows, cols] = cand, flat % (t - 1)
     embeds = vlm.model.get_input_embeddings()(inputs)
     mask = _packed_mask(prefix.mask.bool(), owner, step, embeds.dtype)
     hidden, _ = vlm.decode(
@@ -90,7 +91,7 @@ def candidate_loglik(vlm: VLM, prefix: Prefix, cand_ids: torch.Tensor, cand_mask
     )
     targets = cand_ids[:, :, 1:].reshape(b, -1)[rows, flat]
     logp = F.log_softmax(vlm.head(hidden[rows, cols]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    rest = torch.zeros(b * c, device=logp.device).index_add_(0, rows * c + owner[rows, cols], logp)
+    rest = torch.zeros(b * c, device=logp.device).index_add_(0, rows * c + cand, logp)
     return total + rest.view(b, c)
 
 
