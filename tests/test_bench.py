@@ -65,3 +65,17 @@ def test_unknown_preset_is_one_line(capsys):
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and "--preset: 'huge'" in err and "proportional" in err
+
+
+def test_measure_times_every_variant_once_per_round():
+    # A slow spell of the machine must fall on all variants alike, evaluation ones included (timed in rounds of
+    # their own, one run's evaluation rows all came out 2.5x slow): the calls interleave, round by round.
+    import torch
+
+    from vitask_pl.bench import measure
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("train", "score", "generate")}
+    timings = measure(fns, torch.device("cpu"), steps=3, warmup=1)
+    assert calls == ["train", "score", "generate"] * 5  # warm-up round, three timed rounds, one memory call each
+    assert set(timings) == set(fns) and all(t.fastest <= t.median for t in timings.values())
