@@ -93,3 +93,17 @@ def test_init_fails_fast_on_missing_files_and_bad_options(tmp_path, synth_root):
 def test_incomplete_instruction_option(synth_root):
     dm = MedMNISTDataModule(synth_root, ["dermamnist"], 28, incomplete_instruction=True, num_workers=0)
     assert dm.dataset("test")[0]["instruction"] == "Analyze the given dermatoscope image."
+
+
+def test_training_batches_do_not_depend_on_the_number_of_workers(synth_root):
+    # The offline overlay runs without loader workers (faster on a CPU); results must not change with it:
+    # negatives and shifts are seeded per sample, not drawn from a worker's RNG.
+    def epoch(workers: int) -> list:
+        dm = MedMNISTDataModule(synth_root, SMALL_FLAGS, 28, batch_size=4, num_workers=workers, augment_shift=2)
+        samples = lambda batch: batch  # noqa: E731 - the raw samples, no tokenizer needed
+        loader = dm.loader("train", samples, train=True, negatives=True)
+        return [(s["image"], s["negative_image"], s["label"]) for batch in loader for s in batch]
+
+    alone, with_workers = epoch(0), epoch(2)
+    assert len(alone) == len(with_workers) > 0
+    assert all(all(np.array_equal(a, b) for a, b in zip(x, y)) for x, y in zip(alone, with_workers))
