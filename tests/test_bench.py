@@ -67,15 +67,33 @@ def test_unknown_preset_is_one_line(capsys):
     assert code == 2 and "--preset: 'huge'" in err and "proportional" in err
 
 
-def test_measure_times_every_variant_once_per_round():
-    # A slow spell of the machine must fall on all variants alike, evaluation ones included (timed in rounds of
-    # their own, one run's evaluation rows all came out 2.5x slow): the calls interleave, round by round.
+def test_measure_interleaves_variants_by_round_and_groups_by_block():
+    # A slow spell of the machine must fall on all variants alike: within a group the calls alternate round by
+    # round; the groups (training, evaluation) take turns in blocks spread over the run, each block opening with
+    # an untimed round, and each group runs under its own mode.
+    from contextlib import contextmanager, nullcontext
+
     import torch
 
     from vitask_pl.bench import measure
 
-    calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("train", "score", "generate")}
-    timings = measure(fns, torch.device("cpu"), steps=3, warmup=1)
-    assert calls == ["train", "score", "generate"] * 5  # warm-up round, three timed rounds, one memory call each
-    assert set(timings) == set(fns) and all(t.fastest <= t.median for t in timings.values())
+    calls, mode = [], ["train"]
+
+    @contextmanager
+    def evaluating():
+        mode[0] = "eval"
+        yield
+        mode[0] = "train"
+
+    def variant(name):
+        return lambda: calls.append((name, mode[0]))
+
+    train = {"vanilla": variant("vanilla"), "stage 2": variant("stage 2")}
+    evaluation = {"score": variant("score"), "generate": variant("generate")}
+    timings = measure([(train, nullcontext), (evaluation, evaluating)], torch.device("cpu"), steps=5, blocks=2)
+    round_train = [("vanilla", "train"), ("stage 2", "train")]
+    round_eval = [("score", "eval"), ("generate", "eval")]
+    block = lambda rounds: round_train * (1 + rounds) + round_eval * (1 + rounds)  # noqa: E731
+    assert calls == block(3) + block(2) + round_train + round_eval  # 3 + 2 timed rounds, then one memory call each
+    assert set(timings) == {*train, *evaluation}
+    assert all(t.fastest <= t.median for t in timings.values())

@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,35 +61,50 @@ class Timing(NamedTuple):
     mib: float  # memory of one call, see PeakMemory
 
 
-def measure(
-    fns: dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int = 2, params=()
-) -> dict[str, Timing]:
-    """``{name: Timing}`` of each variant.
+Variants = dict[str, Callable[[], None]]
 
-    The variants are timed in rounds, each round calling every variant once, so a slow spell of a noisy machine
-    falls on all of them alike instead of on whichever variant was running; their ratios are what is compared.
-    The ratios use the fastest round: on a shared machine noise only ever adds time, so the minimum is the
-    estimate of what the step costs (as ``timeit`` advises); the median is printed beside it to show the spread.
-    Memory: see :class:`PeakMemory`.
+
+def measure(
+    groups: list[tuple[Variants, Callable[[], AbstractContextManager]]],
+    device: torch.device,
+    steps: int,
+    blocks: int = 4,
+    params=(),
+) -> dict[str, Timing]:
+    """``{name: Timing}`` of each variant of each ``(variants, mode)`` group (the training steps; the evaluation
+    passes, under ``mode()``).
+
+    A group's variants are timed in rounds, each round calling every variant once, so a slow spell of a noisy
+    machine falls on all of them alike. The groups take turns in ``blocks`` blocks spread over the run, so a slow
+    spell cannot cover all of one group's rounds either (timed one group after the other, one run's evaluation
+    rows all came out 2.5x slow). Within a block a group runs back to back, as in a training or an evaluation
+    loop, after one untimed round that warms what the other group left cold. The ratios use the fastest round:
+    on a shared machine noise only ever adds time, so the minimum is the estimate of what the step costs (as
+    ``timeit`` advises); the median is printed beside it to show the spread. Memory: see :class:`PeakMemory`.
     """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for fns, _ in groups for name in fns}
+    blocks = max(1, min(blocks, steps))
+    for block in range(blocks):
+        rounds = steps // blocks + (block < steps % blocks)
+        for fns, mode in groups:
+            with mode():
+                for timed in [False] + [True] * rounds:
+                    for name, fn in fns.items():
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        fn()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        if timed:
+                            times[name].append(time.perf_counter() - start)
     out = {}
-    for name, fn in fns.items():
-        with PeakMemory(device, params) as mem:
-            fn()
-        out[name] = Timing(min(times[name]), statistics.median(times[name]), mem.peak / 2**20)
+    for fns, mode in groups:
+        with mode():
+            for name, fn in fns.items():
+                with PeakMemory(device, params) as mem:
+                    fn()
+                out[name] = Timing(min(times[name]), statistics.median(times[name]), mem.peak / 2**20)
     return out
 
 
@@ -125,7 +141,8 @@ def bench(
             tokens at 448 px, a 32k vocabulary, narrow enough for a CPU) or ``real`` (InternVL3-2B's sizes,
             random weights; for the GPU). See vitask_pl/models/shapes.py for the exact shapes.
         batch_size: samples per step.
-        steps: timed rounds, each calling every variant once (the fastest round is reported, the median beside it).
+        steps: timed rounds, each calling every variant once (the fastest round is reported, the median beside it),
+            in four blocks where training and evaluation variants take turns (see :func:`measure`).
         image_size: image size of the tiny model and of the synthetic data (presets: the data's; the model
             resizes to 448 px).
         datasets: MedMNIST flags to draw the batch from.
@@ -231,18 +248,14 @@ def _bench(
         neg, _, _ = model.plain(batch, batch["neg_pixel"])
         backward(stage2_terms({"ep": ep_logits, "plain": plain, "neg": neg}, targets))
 
-    def evaluating(fn):
-        # Timed in the same rounds as the training steps (a slow spell then falls on both alike; timed in rounds
-        # of their own, one run's evaluation rows all came out 2.5x slow), so each call switches the mode.
-        @torch.no_grad()
-        def call():
-            module.eval()
-            try:
-                fn()
-            finally:
-                module.train()
-
-        return call
+    @contextmanager
+    def evaluating():
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            module.train()
 
     def evaluate_score():
         candidate_loglik(v, encode_prefix(v, batch), batch["cand_ids"], batch["cand_mask"])
@@ -258,9 +271,11 @@ def _bench(
         "stage 2, shared prefix": (stage2(True), "shared"),
         "stage 2, three forwards": (stage2_separate, "separate"),
     }
-    variants = {name: fn for name, (fn, _) in training.items()}
-    variants |= {"eval score": evaluating(evaluate_score), "eval generate": evaluating(evaluate_generate)}
-    results = measure(variants, dev, steps, params=list(module.parameters()))
+    groups = [
+        ({name: fn for name, (fn, _) in training.items()}, nullcontext),
+        ({"eval score": evaluate_score, "eval generate": evaluate_generate}, evaluating),
+    ]
+    results = measure(groups, dev, steps, params=list(module.parameters()))
 
     ids = batch["input_ids"]
     is_image = ids == v.image_token_id
