@@ -142,7 +142,7 @@ def bench(
             random weights; for the GPU). See vitask_pl/models/shapes.py for the exact shapes.
         batch_size: samples per step.
         steps: timed rounds, each calling every variant once (the fastest round is reported, the median beside it),
-            in four blocks where training and evaluation variants take turns (see :func:`measure`).
+            in blocks where training and evaluation variants take turns (see :func:`measure`).
         image_size: image size of the tiny model and of the synthetic data (presets: the data's; the model
             resizes to 448 px).
         datasets: MedMNIST flags to draw the batch from.
