@@ -2,6 +2,7 @@
 incomplete-instruction experiment as the paper ran it, the probe ceilings and paired differences in the report."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,21 @@ def test_method_pipeline_matches_steps_trains_incomplete_and_reports_probes_and_
         "probes": True,
         "seeds": 2,
         "select_on_val": ["tsm", "vanilla", "vanilla_incomplete"],
+        "jobs": 2,
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
     main(["pipeline", "--config", str(tmp_path / "m.yaml"), "--runs_root", str(tmp_path)])
 
     run = tmp_path / "m"
+    # Two workers ran the stages side by side; seed 1 again in this process, in order, gives the same numbers.
+    metrics = {p: p.read_bytes() for p in (run / "seed1").rglob("metrics.json")}
+    probes = (run / "seed1" / "probe" / "probes.json").read_text()
+    shutil.rmtree(run / "seed1")
+    main(["pipeline", "--config", str(tmp_path / "m.yaml"), "--runs_root", str(tmp_path), "--jobs", "1"])
+    assert sorted(metrics) == sorted((run / "seed1").rglob("metrics.json")) and len(metrics) >= 9
+    assert all(path.read_bytes() == text for path, text in metrics.items())
+    strip = lambda text: {k: v for k, v in json.loads(text).items() if k != "wall_time_s"}  # noqa: E731
+    assert strip((run / "seed1" / "probe" / "probes.json").read_text()) == strip(probes)
     results = json.loads((run / "results.json").read_text())
     for seed in ("seed0", "seed1"):
         rec = {

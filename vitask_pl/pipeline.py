@@ -23,6 +23,8 @@ from vitask_pl.eval.contrast import response_probabilities
 from vitask_pl.eval.probe import pixels, probe_table, vlm_image_features
 from vitask_pl.fingerprint import check, load
 from vitask_pl.guards import last_checkpoints
+from vitask_pl.jobs import Unit, run_units
+from vitask_pl.models.vlm import resolve_source
 from vitask_pl.report import PLUG_TSM, report
 from vitask_pl.stages import STAGES
 
@@ -219,6 +221,7 @@ def pipeline(
     plug: list[str] | None = None,
     seeds: int = 1,
     seed: int = 0,
+    jobs: int = 1,
 ) -> Path:
     """Run TSM -> vanilla IT -> stage 1 (EP) -> stage 2 (RDA+CRT) [-> ablations] and write the report.
 
@@ -249,6 +252,9 @@ def pipeline(
             test split w/o EP, w/ EP of the original TSM and w/ EP of the plugged TSM (VITask^plug, Table 3).
         seeds: repeat the whole pipeline with seeds ``seed .. seed + seeds - 1``; the report gives mean ± std.
         seed: first seed.
+        jobs: run this many stages at once, each in a worker process with its share of the cores, whenever their
+            inputs are ready (seeds, the ablations, the incomplete-instruction rows and the probes are
+            independent); their output goes to ``<stage>/log.txt``. 1 runs everything in this process, in order.
     """
 
     if seeds < 1:
@@ -289,24 +295,53 @@ def pipeline(
             overrides["trainer.max_epochs"] = -1
         return overrides
 
+    def needs(stage: str) -> tuple[str, ...]:  # the runs whose records overrides_of(stage) reads
+        reads = _Reads()
+        overrides_of(stage, reads)
+        return tuple(reads)
+
     selected = select_on_val if select_on_val is not None else ["tsm"]
-    start = time.monotonic()
-    for k in range(seeds):
-        seed_dir = run_dir / f"seed{seed + k}"
-        records = {}
+    if vlm and jobs > 1:  # build a missing tiny model once, here, rather than in every worker at once
+        resolve_source(vlm, int((common or {}).get("data.size", 28)), option="--vlm")
+    units = {}
+    for s in range(seed, seed + seeds):
+        seed_dir = run_dir / f"seed{s}"
+
+        def unit(stage, fn, args, deps=(), seed_dir=seed_dir, s=s):
+            deps = tuple((s, d) for d in deps)
+            label = f"{seed_dir.name}/{stage}"
+            units[(s, stage)] = Unit(fn, args, deps, log=seed_dir / stage / "log.txt", label=label)
+
+        def stage_args(stage, seed_dir=seed_dir, s=s):
+            return lambda done: (
+                stage,
+                seed_dir,
+                config_args(RUNS[stage][0]),
+                overrides_of(stage, _of_seed(done, s)),
+                s,
+                stage in selected,
+            )
+
         for stage in order:
-            overrides = overrides_of(stage, records)
-            args = config_args(RUNS[stage][0])
-            records[stage] = run_stage(stage, seed_dir, args, overrides, seed + k, stage in selected)
+            unit(stage, run_stage, stage_args(stage), needs(stage))
             if stage == "vanilla" and probes:
-                run_probes(seed_dir, args, {**overrides, "seed_everything": seed + k})
+                args = config_args("vanilla"), {**overrides_of("vanilla", {}), "seed_everything": s}
+                unit("probe", run_probes, lambda done, seed_dir=seed_dir, args=args: (seed_dir, *args))
         for dataset in plug:  # VITask^plug: a TSM trained on the external set, into the tuned stage 2
-            overrides = {**overrides_of("tsm", records), **stages.get(PLUG_TSM, {}), "data.datasets": [dataset]}
-            name = f"{PLUG_TSM}_{dataset}"
+            plug_tsm = f"{PLUG_TSM}_{dataset}"
+            overrides = {**overrides_of("tsm", {}), **stages.get(PLUG_TSM, {}), "data.datasets": [dataset]}
             best = "tsm" in selected or PLUG_TSM in selected
-            records[name] = run_stage(name, seed_dir, config_args("tsm"), overrides, seed + k, best, evaluations=())
-            tested = {s: (config_args(s), overrides_of(s, records)) for s in ("vanilla", "rda_crt")}
-            records[f"plug_{dataset}"] = run_plug(dataset, seed_dir, records, tested, seed + k)
+            args = (plug_tsm, seed_dir, config_args("tsm"), overrides, s, best, ())
+            unit(plug_tsm, run_stage, lambda done, args=args: args)
+
+            def plug_args(done, dataset=dataset, seed_dir=seed_dir, s=s):
+                records = _of_seed(done, s)
+                tested = {t: (config_args(t), overrides_of(t, records)) for t in ("vanilla", "rda_crt")}
+                return dataset, seed_dir, records, tested, s
+
+            unit(f"plug_{dataset}", run_plug, plug_args, ("tsm", "vanilla", "rda_crt", plug_tsm))
+    start = time.monotonic()
+    run_units(units, jobs)
     summary = {
         "name": name,
         "seeds": [seed + k for k in range(seeds)],
@@ -314,12 +349,26 @@ def pipeline(
         "incomplete": incomplete,
         "match_vanilla_steps": match_vanilla_steps,
         "plug": plug,
+        "jobs": jobs,
         "wall_time_s": time.monotonic() - start,
         "synthetic": bool(synthesize),
     }
     write_text(run_dir / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     report(str(run_dir))
     return run_dir
+
+
+class _Reads(dict):
+    """A stand-in for a seed's records that notes which runs are read (a stage's dependencies)."""
+
+    def __missing__(self, run: str) -> dict:
+        self[run] = {"checkpoint": "", "steps": 0}
+        return self[run]
+
+
+def _of_seed(results: dict, seed: int) -> dict:
+    """``{(seed, run): record}`` -> one seed's ``{run: record}``."""
+    return {run: record for (s, run), record in results.items() if s == seed}
 
 
 def _plugged(name: str, common: dict) -> str:
