@@ -1,6 +1,7 @@
 """The unit scheduler behind ``vitask pipeline --jobs``: dependencies first, inputs from finished units, units
 side by side in worker processes, each unit's output in its log, a failure named with that log."""
 
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,10 @@ def _stamp(name: str, inputs: list) -> dict:
     time.sleep(0.5)
     print(f"unit {name} ran on {inputs}")
     return {"name": name, "inputs": inputs, "start": start, "end": time.time(), "pid": os.getpid()}
+
+
+def _start_method() -> str:
+    return multiprocessing.get_start_method()
 
 
 def _fail(message: str) -> None:
@@ -56,6 +61,12 @@ def test_workers_run_independent_units_side_by_side_and_log_each(tmp_path, capsy
     assert (tmp_path / "d.log").read_text() == "unit d ran on ['c']\n"
     console = capsys.readouterr().out
     assert "d: started" in console and "d: finished (4 of 4" in console and "unit d ran" not in console
+
+
+def test_workers_start_their_children_as_this_process_does():
+    # DataLoader workers of a stage in a worker must not be spawned (a fresh torch import per loader per epoch).
+    results = run_units({"m": Unit(_start_method, lambda done: ())}, jobs=2)
+    assert results["m"] == multiprocessing.get_start_method()
 
 
 def test_a_failed_unit_stops_the_run_and_names_its_log(tmp_path):

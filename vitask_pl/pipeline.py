@@ -301,6 +301,7 @@ def pipeline(
         return tuple(reads)
 
     selected = select_on_val if select_on_val is not None else ["tsm"]
+    start = time.monotonic()
     if vlm and jobs > 1:  # build a missing tiny model once, here, rather than in every worker at once
         resolve_source(vlm, int((common or {}).get("data.size", 28)), option="--vlm")
     units = {}
@@ -340,7 +341,6 @@ def pipeline(
                 return dataset, seed_dir, records, tested, s
 
             unit(f"plug_{dataset}", run_plug, plug_args, ("tsm", "vanilla", "rda_crt", plug_tsm))
-    start = time.monotonic()
     run_units(units, jobs)
     summary = {
         "name": name,
