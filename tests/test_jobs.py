@@ -12,12 +12,19 @@ from vitask_pl.errors import ConfigError
 from vitask_pl.jobs import Unit, run_units, threads_per_job
 
 
-def _stamp(name: str, inputs: list) -> dict:
-    """A unit: sleep a little, print, and return when it ran and in which process."""
+def _stamp(name: str, inputs: list, meet: tuple[str, str] | None = None) -> dict:
+    """A unit: print, and return when it ran and in which process. With ``meet = (folder, partner)`` it leaves a
+    mark in ``folder`` and waits (up to 60 s) for ``partner``'s: only two units running at once both see it."""
     start = time.time()
-    time.sleep(0.5)
+    met = None
+    if meet is not None:
+        folder, partner = Path(meet[0]), meet[1]
+        (folder / f"{name}.here").touch()
+        deadline = time.time() + 60
+        while not (met := (folder / f"{partner}.here").exists()) and time.time() < deadline:
+            time.sleep(0.05)
     print(f"unit {name} ran on {inputs}")
-    return {"name": name, "inputs": inputs, "start": start, "end": time.time(), "pid": os.getpid()}
+    return {"name": name, "inputs": inputs, "start": start, "end": time.time(), "pid": os.getpid(), "met": met}
 
 
 def _start_method() -> str:
@@ -29,14 +36,15 @@ def _fail(message: str) -> None:
     raise ValueError(message)
 
 
-def _graph(tmp_path: Path) -> dict:
-    """a and b independent; c reads both; d reads c."""
+def _graph(tmp_path: Path, meet: bool = False) -> dict:
+    """a and b independent (with ``meet``, each waits to see the other running); c reads both; d reads c."""
 
-    def unit(name, *deps):
-        inputs = lambda done: (name, [done[d]["name"] for d in deps])  # noqa: E731
+    def unit(name, *deps, partner=None):
+        together = (str(tmp_path), partner) if meet and partner else None
+        inputs = lambda done: (name, [done[d]["name"] for d in deps], together)  # noqa: E731
         return Unit(_stamp, inputs, deps, log=tmp_path / f"{name}.log", label=name)
 
-    return {"a": unit("a"), "b": unit("b"), "c": unit("c", "a", "b"), "d": unit("d", "c")}
+    return {"a": unit("a", partner="b"), "b": unit("b", partner="a"), "c": unit("c", "a", "b"), "d": unit("d", "c")}
 
 
 def test_units_run_after_their_dependencies_with_their_outputs_in_this_process(tmp_path, capsys):
@@ -50,10 +58,10 @@ def test_units_run_after_their_dependencies_with_their_outputs_in_this_process(t
 
 
 def test_workers_run_independent_units_side_by_side_and_log_each(tmp_path, capsys):
-    results = run_units(_graph(tmp_path), jobs=2)
+    results = run_units(_graph(tmp_path, meet=True), jobs=2)
 
     a, b, c, d = (results[k] for k in "abcd")
-    assert max(a["start"], b["start"]) < min(a["end"], b["end"])  # a and b overlapped
+    assert a["met"] and b["met"]  # a and b ran at the same time: each saw the other's mark
     assert c["start"] >= max(a["end"], b["end"]) and d["start"] >= c["end"]
     assert c["inputs"] == ["a", "b"] and d["inputs"] == ["c"]
     assert os.getpid() not in {r["pid"] for r in results.values()}

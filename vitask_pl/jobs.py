@@ -1,11 +1,10 @@
 """Run a graph of dependent units (the pipeline's stages over seeds), one at a time or in worker processes.
 
-On a CPU the tiny testbed's batches are too small for torch to keep two cores busy inside one process (2 cores,
-120 vanilla steps of the method benchmark, start-up included: 25-27 s with two threads, 34 s with one, and 37 s
-each for two one-thread fits side by side, so two processes finish two fits in 37 s instead of 50). With
-``jobs > 1`` every unit whose dependencies are done goes to the next free worker, first in the given order, and
-each worker's torch uses ``cores // jobs`` threads (or ``OMP_NUM_THREADS``). A worker writes what its unit
-prints to the unit's log file, so the console shows one line per unit started and finished.
+On a CPU the tiny testbed's batches are too small for torch to keep two cores busy inside one process, so two
+one-thread processes finish two fits sooner than one two-thread process does one after the other (README, "Stages
+side by side"). With ``jobs > 1`` every unit whose dependencies are done goes to the next free worker, first in
+the given order, and each worker's torch uses ``cores // jobs`` threads (or ``OMP_NUM_THREADS``). A worker
+writes what its unit prints to the unit's log file, so the console shows one line per unit started and finished.
 
 Float results can differ with the thread count (reduction order), never with the schedule: every unit seeds
 itself, and its inputs are its dependencies' finished outputs.
@@ -116,8 +115,7 @@ def _worker(threads: int, start_method: str) -> None:
 
     torch.set_num_threads(threads)
     # A spawned process spawns its own children too, so each DataLoader worker would import torch again, every
-    # epoch (a TSM fit of 3 epochs with 2 loader workers: 93 s in a worker, 11 s without loader workers). Its
-    # children start as this process's parent's would.
+    # epoch (a 3-epoch TSM fit with 2 loader workers: 93 s in a worker, 11 s once they start as the parent's do).
     multiprocessing.set_start_method(start_method, force=True)
 
 
