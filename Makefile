@@ -13,10 +13,12 @@ export TOKENIZERS_PARALLELISM ?= false
 # included, 21 s with two threads, 31 s with one), so demo, method and bench leave torch its default of one thread per core.
 TEST_THREADS ?= 1
 # glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh mmap and
-# unmaps it on free, so on a CPU each step page-faults its large activations and logits afresh. Served from the heap
-# they are reused: on the proportional bench preset (2 cores) the full-logits step ran 1.4-2.0 s -> 0.5-0.9 s (five
-# runs each way; README, "Benchmark"). No effect off glibc or on CUDA memory.
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967295
+# unmaps it on free, and gives the heap's free top back to the kernel once it exceeds the trim threshold (128 KiB
+# once the mmap threshold is set), so on a CPU each step page-faults its large activations and logits afresh.
+# Both thresholds raised, freed memory stays in the heap and is reused: on the proportional bench preset (2 cores)
+# the full-logits step ran 625-879 ms -> 483-489 ms and the fused stage-2 step mapped 0 instead of up to 35k fresh
+# pages (README, "Benchmark"). No effect off glibc or on CUDA memory.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295
 
 .PHONY: help install test test-fast demo method style bench clean
 

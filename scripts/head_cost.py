@@ -4,10 +4,10 @@
 
 At the proportional preset's shape (8 sequences of 314 tokens, 313 predicting rows each, a 128-wide language model,
 a 32,768-token vocabulary) it times, fastest of 7, the forward and backward of the LM head's matmul alone, of the
-head followed by the cross-entropy, and of the cross-entropy alone on fixed logits. Run it with and without
-``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` (what the Makefile sets): with glibc's default every
-tensor above its mmap threshold (at most 32 MiB) is a fresh mmap, page-faulted on first touch and unmapped on
-free, so each call pays for its pages again; with the heap keeping them, the same calls run about twice as fast.
+head followed by the cross-entropy, and of the cross-entropy alone on fixed logits. Run it with and without the
+Makefile's ``GLIBC_TUNABLES``: with glibc's default every tensor above its mmap threshold (at most 32 MiB) is a
+fresh mmap, page-faulted on first touch and unmapped on free, so each call pays for its pages again; with the heap
+keeping them, the same calls run about twice as fast.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ they travel across machines better than absolute times; still, a 2-core CPU is n
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -59,6 +60,7 @@ class Timing(NamedTuple):
     fastest: float  # seconds of the fastest round
     median: float  # seconds, the median round
     mib: float  # memory of one call, see PeakMemory
+    faults: float  # median minor page faults per timed call: fresh pages the allocator mapped (README, "Benchmark")
 
 
 Variants = dict[str, Callable[[], None]]
@@ -83,6 +85,7 @@ def measure(
     ``timeit`` advises); the median is printed beside it to show the spread. Memory: see :class:`PeakMemory`.
     """
     times: dict[str, list[float]] = {name: [] for fns, _ in groups for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in times}
     blocks = max(1, min(blocks, steps))
     for block in range(blocks):
         rounds = steps // blocks + (block < steps % blocks)
@@ -92,20 +95,27 @@ def measure(
                     for name, fn in fns.items():
                         if device.type == "cuda":
                             torch.cuda.synchronize()
-                        start = time.perf_counter()
+                        start, mapped = time.perf_counter(), _minor_faults()
                         fn()
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         if timed:
                             times[name].append(time.perf_counter() - start)
+                            faults[name].append(_minor_faults() - mapped)
     out = {}
     for fns, mode in groups:
         with mode():
             for name, fn in fns.items():
                 with PeakMemory(device, params) as mem:
                     fn()
-                out[name] = Timing(min(times[name]), statistics.median(times[name]), mem.peak / 2**20)
+                out[name] = Timing(
+                    min(times[name]), statistics.median(times[name]), mem.peak / 2**20, statistics.median(faults[name])
+                )
     return out
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def allocator() -> str:
@@ -294,15 +304,17 @@ def _bench(
     if dev.type == "cpu":
         print(allocator())
     memory = "peak MiB" if dev.type == "cuda" else "saved MiB"  # CPU: activations kept for backward
-    base_t, _, base_m = results["vanilla, response-only logits"]
+    base_t, _, base_m, _ = results["vanilla, response-only logits"]
     base_f = flops["vanilla, response-only logits"]
     mfu_head = f"{'MFU':>7}" if peak_tflops else ""
+    cpu = dev.type == "cpu"  # fresh pages a step maps are CPU time that no FLOP count holds
     print(
-        f"{'variant':<32}{'ms/step':>10}{'median':>9}{memory:>11}{'GFLOP':>10}{'time x':>9}{'FLOP x':>9}{'time/FLOP':>11}{mfu_head}"
+        f"{'variant':<32}{'ms/step':>10}{'median':>9}{memory:>11}{'faults' if cpu else '':>8}"
+        f"{'GFLOP':>10}{'time x':>9}{'FLOP x':>9}{'time/FLOP':>11}{mfu_head}"
     )
     mfu = {}
-    for name, (sec, median, mib) in results.items():
-        row = f"{name:<32}{sec * 1e3:>10.1f}{median * 1e3:>9.1f}{mib:>11.2f}"
+    for name, (sec, median, mib, faults) in results.items():
+        row = f"{name:<32}{sec * 1e3:>10.1f}{median * 1e3:>9.1f}{mib:>11.2f}{f'{faults:.0f}' if cpu else '':>8}"
         if name in flops:
             t_ratio, f_ratio = sec / base_t, flops[name] / base_f
             row += f"{flops[name] / 1e9:>10.3f}{t_ratio:>9.2f}{f_ratio:>9.2f}{t_ratio / f_ratio:>11.2f}"
@@ -341,6 +353,7 @@ def _bench(
         "ms": {k: r.fastest * 1e3 for k, r in results.items()},
         "median_ms": {k: r.median * 1e3 for k, r in results.items()},
         "mib": {k: r.mib for k, r in results.items()},
+        "faults": {k: r.faults for k, r in results.items()},
         "gflop": {k: f / 1e9 for k, f in flops.items()},
         "mfu": mfu,
         "ratios": lines,
