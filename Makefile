@@ -55,7 +55,7 @@ style: install  ## ruff format --check and ruff check (make test runs it first)
 clean:  ## remove runs and synthetic data (keeps .venv)
 	rm -rf runs data
 
-method: install  ## the method benchmark: every row, 3 seeds, probe ceilings (51 min on 2 cores, two stages at a time)
+method: install  ## the method benchmark: every row, 3 seeds, probe ceilings (43 min on 2 cores, two stages at a time)
 	$(VENV)/bin/vitask pipeline --config configs/pipeline/method.yaml --seeds 3
 	@echo "report: runs/method/report.md"
 
